@@ -1,0 +1,57 @@
+"""The `grerank` console command.
+
+Each subcommand lives in its own module, which exposes ``configure_parser(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand is chosen, so
+``grerank --help`` stays fast and a missing optional dependency of one command does not
+break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("grerank_dist.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
+    "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
+    "export": ("grerank_dist.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
+    "prepare": ("grerank_dist.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grerank",
+        description=(
+            "Train rerankers end to end from a frozen parallel-context generator with Gumbel relaxed "
+            "top-k document masks (G-Rerank), evaluate them, and export them for the usual reranker tools."
+        ),
+        epilog="Run `grerank COMMAND --help` for the options of one command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            top.parse_args(argv)  # argparse reports the unknown command and exits 2
+        top.print_help()
+        return 0 if argv else 1
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"grerank {name}", description=help_text)
+    module.configure_parser(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Training configuration: dataclasses loaded from YAML, overridable from the command line.
+
+A config file mirrors :class:`TrainConfig` section by section. Unknown keys and impossible
+values are errors at start, before any model is built, so a typo never silently falls back to
+a default on a cluster. Overrides use dotted keys: ``relax.k=3 train.lr=1e-4``; values are
+parsed as YAML scalars (``true``, ``1e-4``, ``[a, b]``, ``null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class GeneratorConfig:
+    # A local checkpoint directory, or "random:tiny" for a random-init tiny CEPE (tests, smoke runs).
+    path: str = "random:tiny"
+    # Cross-attention backend of grerank_dist.attention ("auto" picks the fastest exact one).
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = True
+    # "auto": bf16 on GPU, fp32 on CPU.
+    dtype: str = "auto"
+    max_new_tokens: int = 25
+    seed: int = 0  # initialisation seed of random:* generators
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+
+
+@dataclass
+class RerankerConfig:
+    # A local cross-encoder directory (AutoModelForSequenceClassification, num_labels=1), or
+    # "random:tiny" for a random-init tiny cross-encoder whose vocabulary is built from the data.
+    path: str = "random:tiny"
+    max_length: int = 256
+    lora: LoraConfig | None = None
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""
+    eval_file: str = ""
+    n_candidates: int = 20
+    doc_max_tokens: int = 256
+    doc_template: str = "Document (Title: {title}): {text}"
+    prompt_template: str = "Question: {question}\nAnswer:"
+    passage_template: str = "{title} {text}"
+    # Which gold answer is the training target when a record has several.
+    answer_choice: str = "first"  # first | shortest | random (seeded by epoch and record)
+    answer_eos: bool = False  # append EOS to the training answer
+    skip_bad_records: bool = False
+    num_proc: int = 1  # processes for tokenisation
+
+
+@dataclass
+class RelaxConfig:
+    k: int = 5
+    tau: float = 0.5
+    kappa: float = 1.0
+    noise: bool = True  # False: the paper's no-Gumbel ablation (Sec. 4.4)
+
+
+@dataclass
+class OptimConfig:
+    objective: str = "grerank"
+    micro_batch_size: int = 4  # queries per rank per micro-step
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100  # optimizer steps
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class DeepSpeedConfig:
+    # Paths are resolved against the config file's directory, then the working directory.
+    generator_config: str = "ds_configs/generator_zero3.json"
+    reranker_config: str = "ds_configs/reranker_zero1.json"
+    generator_overrides: dict[str, Any] = field(default_factory=dict)
+    reranker_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/grerank"
+    seed: int = 0
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    relax: RelaxConfig = field(default_factory=RelaxConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # Where the config came from (set by load_config); relative paths are resolved against it.
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+ANSWER_CHOICES = ("first", "shortest", "random")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with their dotted path."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{where}.{name}" if where else name
+        sub = _dataclass_of(fields[name].type)
+        if sub is not None and value is not None:
+            kwargs[name] = _build(sub, value, key)
+        else:
+            kwargs[name] = _check_type(value, str(fields[name].type), key)
+    return cls(**kwargs)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(value: Any, annotation: str, key: str) -> Any:
+    """Reject a value of the wrong kind (``k: three``, ``lr: [1]``) with its dotted key."""
+    expected = _SCALARS.get(annotation)
+    if annotation.startswith("list["):
+        expected = (list,)
+    elif annotation.startswith("dict["):
+        expected = (dict,)
+    if expected is None:
+        return value
+    wrong_bool = isinstance(value, bool) and bool not in expected
+    if wrong_bool or not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {annotation}, got {value!r}")
+    return float(value) if annotation == "float" else value
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass named by a field annotation ('LoraConfig | None' -> LoraConfig), if any."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    for part in str(text).replace(" ", "").split("|"):
+        candidate = globals().get(part)
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw config mapping (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    apply_overrides(tree, overrides or [])
+    try:
+        config = _build(TrainConfig, tree, "")
+    except TypeError as exc:  # pragma: no cover - _build checks keys first
+        raise ConfigError(f"{where}: {exc}") from exc
+    config.source = str(Path(path).resolve()) if path is not None else ""
+    validate(config, where)
+    _resolve_paths(config)
+    return config
+
+
+def _resolve_paths(config: TrainConfig) -> None:
+    """Make the config's file references independent of the working directory."""
+    for section, key in (
+        (config.data, "train_file"),
+        (config.data, "eval_file"),
+        (config.generator, "path"),
+        (config.reranker, "path"),
+        (config.deepspeed, "generator_config"),
+        (config.deepspeed, "reranker_config"),
+    ):
+        value = getattr(section, key)
+        if value and ":" not in value.split("/")[0]:  # leave random:tiny and the like alone
+            resolved = resolve_path(config, value)
+            if resolved.exists():
+                setattr(section, key, str(resolved))
+
+
+def validate(config: TrainConfig, where: str = "config") -> None:
+    """Reject impossible values with the offending dotted key."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{where}: {key}: {message}")
+
+    r, d, t = config.relax, config.data, config.train
+    if not isinstance(r.k, int) or r.k < 1:
+        fail("relax.k", f"must be an integer >= 1, got {r.k!r}")
+    if not isinstance(d.n_candidates, int) or d.n_candidates < 1:
+        fail("data.n_candidates", f"must be an integer >= 1, got {d.n_candidates!r}")
+    if r.k > d.n_candidates:
+        fail("relax.k", f"k={r.k} exceeds data.n_candidates={d.n_candidates}")
+    if not _is_number(r.tau) or r.tau <= 0:
+        fail("relax.tau", f"must be > 0, got {r.tau!r}")
+    if not _is_number(r.kappa) or r.kappa <= 0:
+        fail("relax.kappa", f"must be > 0, got {r.kappa!r}")
+    from grerank_dist.objectives import OBJECTIVES  # late: objectives import torch
+
+    if t.objective not in OBJECTIVES:
+        fail("train.objective", f"must be one of {sorted(OBJECTIVES)}, got {t.objective!r}")
+    if t.schedule not in SCHEDULES:
+        fail("train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
+    if d.answer_choice not in ANSWER_CHOICES:
+        fail("data.answer_choice", f"must be one of {ANSWER_CHOICES}, got {d.answer_choice!r}")
+    for key, value, minimum in (
+        ("train.micro_batch_size", t.micro_batch_size, 1),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        ("train.max_steps", t.max_steps, 1),
+        ("train.log_every", t.log_every, 1),
+        ("train.save_every", t.save_every, 0),
+        ("train.keep_last", t.keep_last, 1),
+        ("train.warmup_steps", t.warmup_steps, 0),
+        ("data.doc_max_tokens", d.doc_max_tokens, 1),
+        ("data.num_proc", d.num_proc, 1),
+        ("reranker.max_length", config.reranker.max_length, 8),
+        ("generator.max_new_tokens", config.generator.max_new_tokens, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            fail(key, f"must be an integer >= {minimum}, got {value!r}")
+    if not _is_number(t.lr) or t.lr <= 0:
+        fail("train.lr", f"must be > 0, got {t.lr!r}")
+    if not _is_number(t.max_grad_norm) or t.max_grad_norm < 0:
+        fail("train.max_grad_norm", f"must be >= 0 (0 disables clipping), got {t.max_grad_norm!r}")
+    if config.generator.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail("generator.dtype", f"must be auto, float32, bfloat16 or float16, got {config.generator.dtype!r}")
+    for key in ("doc_template", "prompt_template", "passage_template"):
+        template = getattr(d, key)
+        try:
+            template.format(title="t", text="x", question="q")
+        except (KeyError, IndexError) as exc:
+            fail(f"data.{key}", f"unknown placeholder {exc} (use {{title}}, {{text}}, {{question}})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def resolve_path(config: TrainConfig, path: str) -> Path:
+    """Resolve a relative path from the config: beside the config file, in its parent (the
+    project root for ``configs/*.yaml``), else relative to the working directory."""
+    candidate = Path(path)
+    if candidate.is_absolute() or not config.source:
+        return candidate
+    config_dir = Path(config.source).parent
+    for base in (config_dir, config_dir.parent):
+        if (base / candidate).exists():
+            return base / candidate
+    return candidate
+
+
+def load_json_with_overrides(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config and merge dotted-or-nested overrides into it."""
+    try:
+        tree = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read DeepSpeed config ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from exc
+    for key, value in _flatten(overrides).items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

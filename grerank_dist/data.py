@@ -1,0 +1,369 @@
+"""Records, validation, tokenisation and batching.
+
+Records follow the FiD/DPR JSON-lines convention: ``question``, ``answers`` (``answer`` and
+FiD's ``target`` accepted), ``ctxs`` of ``{title, text}`` with optional ``id``, ``score``,
+``has_answer`` (``hasanswer`` accepted) and ``is_supporting``. Every record is checked as it is
+read; a bad one is an error naming the file, the line and the field (or, when the user asks,
+skipped and counted). The first ``n_candidates`` ctxs are kept; shorter lists are padded with
+invalid candidates that the relaxation never selects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grerank_dist.config import DataConfig
+
+
+class RecordError(ValueError):
+    """A record that cannot be used: the message names the file, the line and the field."""
+
+
+@dataclass
+class ReadReport:
+    """What reading a file kept and skipped (skips only when skip_bad_records is on)."""
+
+    path: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0  # records with more ctxs than n_candidates
+    padded: int = 0  # records with fewer
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
+        return (
+            f"{self.path}: kept {self.kept} records (skipped: {skipped}; "
+            f"{self.truncated} truncated to n_candidates, {self.padded} padded)"
+        )
+
+
+def _as_bool(value: Any, where: str) -> bool | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise RecordError(f"{where}: expected a boolean, got {value!r}")
+
+
+def _as_score(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        score = float(value)  # DPR writes scores as strings
+    except (TypeError, ValueError):
+        raise RecordError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(score):
+        raise RecordError(f"{where}: score must be finite, got {value!r}")
+    return score
+
+
+def normalize_record(raw: Any, where: str, n_candidates: int) -> dict[str, Any]:
+    """Check one parsed record and return it in canonical form (``where`` = "file:line")."""
+    if not isinstance(raw, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    question = raw.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError(f"{where}: field 'question': missing or not a non-empty string")
+    answers = raw.get("answers", raw.get("answer", raw.get("target")))
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers:
+        raise RecordError(f"{where}: field 'answers': missing or empty (a record needs a gold answer)")
+    for j, answer in enumerate(answers):
+        if not isinstance(answer, str) or not answer.strip():
+            raise RecordError(f"{where}: field 'answers[{j}]': expected a non-empty string, got {answer!r}")
+    ctxs = raw.get("ctxs")
+    if not isinstance(ctxs, list):
+        raise RecordError(f"{where}: field 'ctxs': missing or not a list")
+    if not ctxs:
+        raise RecordError(f"{where}: field 'ctxs': empty (a record needs at least one candidate)")
+    candidates = []
+    for i, ctx in enumerate(ctxs[:n_candidates]):
+        at = f"{where}: field 'ctxs[{i}]"
+        if not isinstance(ctx, dict):
+            raise RecordError(f"{at}': expected an object, got {type(ctx).__name__}")
+        text = ctx.get("text")
+        if not isinstance(text, str):
+            raise RecordError(f"{at}.text': missing or not a string")
+        title = ctx.get("title", "")
+        if not isinstance(title, str):
+            raise RecordError(f"{at}.title': expected a string, got {title!r}")
+        has_answer = ctx.get("has_answer", ctx.get("hasanswer"))
+        candidates.append(
+            {
+                "id": str(ctx.get("id", i)),
+                "title": title,
+                "text": text,
+                "score": _as_score(ctx.get("score"), f"{at}.score'"),
+                "has_answer": _as_bool(has_answer, f"{at}.has_answer'"),
+                "is_supporting": _as_bool(ctx.get("is_supporting"), f"{at}.is_supporting'"),
+            }
+        )
+    return {
+        "id": str(raw.get("id", raw.get("_id", ""))),
+        "question": question,
+        "answers": answers,
+        "type": str(raw.get("type", "")),
+        "ctxs": candidates,
+        "n_ctxs_in_file": len(ctxs),
+    }
+
+
+def read_records(
+    path: str | Path, n_candidates: int, skip_bad: bool = False
+) -> tuple[list[dict[str, Any]], ReadReport]:
+    """Read and check a JSON-lines file. With ``skip_bad`` bad records are counted, not raised."""
+    path = Path(path)
+    report = ReadReport(str(path))
+    records: list[dict[str, Any]] = []
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot open data file ({exc.strerror})") from exc
+    with handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                record = normalize_record(raw, where, n_candidates)
+            except RecordError as exc:
+                if not skip_bad:
+                    raise
+                report.skipped[str(exc).split(": ", 1)[1].split(":")[0]] += 1
+                continue
+            record["line"] = line_no
+            report.truncated += record["n_ctxs_in_file"] > n_candidates
+            report.padded += record["n_ctxs_in_file"] < n_candidates
+            records.append(record)
+    if not records:
+        raise RecordError(f"{path}: no usable records ({report.summary()})")
+    report.kept = len(records)
+    return records, report
+
+
+def training_answer(record: dict[str, Any], choice: str, seed: int, epoch: int) -> str:
+    """The gold answer used as the training target (``first``, ``shortest`` or seeded ``random``)."""
+    answers = record["answers"]
+    if choice == "first":
+        return answers[0]
+    if choice == "shortest":
+        return min(answers, key=len)
+    rng = random.Random(f"{seed}:{epoch}:{record['id']}:{record.get('line', 0)}")
+    return rng.choice(answers)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of B queries with n candidates, ready for the reranker and the generator."""
+
+    reranker_inputs: dict[str, torch.Tensor]  # each [B*n, Lr]
+    valid: torch.Tensor  # [B, n] bool: real candidates
+    encoder_input_ids: torch.Tensor  # [B, n, L], left-padded
+    encoder_attention_mask: torch.Tensor  # [B, n, L]
+    input_ids: torch.Tensor  # [B, S] prompt + answer, right-padded
+    attention_mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S], -100 outside the answer
+    prompt_ids: torch.Tensor  # [B, P] prompt only, left-padded (for generation)
+    prompt_attention_mask: torch.Tensor  # [B, P]
+    record_ids: list[int]  # positions in the dataset
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {k: v.to(device) for k, v in self.reranker_inputs.items()}
+        tensors = {
+            name: getattr(self, name).to(device)
+            for name in (
+                "valid",
+                "encoder_input_ids",
+                "encoder_attention_mask",
+                "input_ids",
+                "attention_mask",
+                "labels",
+                "prompt_ids",
+                "prompt_attention_mask",
+            )
+        }
+        return Batch(reranker_inputs=moved, record_ids=self.record_ids, **tensors)
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[0]
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=1) or 1
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row) :] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+class Collator:
+    """Tokenises records for the reranker and the generator and pads them into a :class:`Batch`.
+
+    Tokenisation follows the public CEPE evaluation by default: documents as
+    ``Document (Title: {title}): {text}`` without BOS, left-padded, truncated to
+    ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
+    the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
+    answer has after "Answer:"). Reranker pairs are (question, passage) truncated like the usual
+    cross-encoders (longest-first to ``max_length``).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        generator_tokenizer: Any,
+        reranker_tokenizer: Any | None,
+        reranker_max_length: int,
+        seed: int = 0,
+    ) -> None:
+        """``reranker_tokenizer`` None: batches for the generator alone (evaluation), with empty
+        ``reranker_inputs``."""
+        self.data = data
+        self.gen_tok = generator_tokenizer
+        self.rr_tok = reranker_tokenizer
+        self.rr_max_length = reranker_max_length
+        self.seed = seed
+        self.gen_pad = _pad_id(generator_tokenizer)
+
+    def _gen_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        if not texts:
+            return []
+        kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+        return self.gen_tok(texts, add_special_tokens=False, **kwargs)["input_ids"]
+
+    def __call__(self, records: list[dict[str, Any]], record_ids: list[int], epoch: int = 0) -> Batch:
+        d, n = self.data, self.data.n_candidates
+        bsz = len(records)
+        if self.rr_tok is not None:
+            rr, valid = reranker_pairs(records, self.rr_tok, d, self.rr_max_length)
+        else:
+            rr, valid = {}, candidate_mask(records, n)
+        docs = [
+            d.doc_template.format(title=ctx["title"], text=ctx["text"]) for ctx in _padded_ctxs(records, n)
+        ]
+        doc_ids = self._gen_ids(docs, d.doc_max_tokens)
+        # A padded (invalid) candidate still gets one real token so the encoder never sees an
+        # empty document; its log-mask is -inf, so the generator never attends to it.
+        filler = self.gen_tok.eos_token_id if self.gen_tok.eos_token_id is not None else self.gen_pad
+        doc_ids = [ids if ids else [filler] for ids in doc_ids]
+        enc = _pad(doc_ids, self.gen_pad, left=True)
+        enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True)
+
+        bos = [self.gen_tok.bos_token_id] if self.gen_tok.bos_token_id is not None else []
+        prompts = self._gen_ids([d.prompt_template.format(question=r["question"]) for r in records])
+        answers = self._gen_ids(
+            [training_answer(r, d.answer_choice, self.seed, epoch) for r in records]
+        )
+        eos = [self.gen_tok.eos_token_id] if d.answer_eos else []
+        prompt_rows = [bos + p for p in prompts]
+        full_rows = [p + a + eos for p, a in zip(prompt_rows, answers)]
+        label_rows = [[-100] * len(p) + a + eos for p, a in zip(prompt_rows, answers)]
+        return Batch(
+            reranker_inputs=rr,
+            valid=valid,
+            encoder_input_ids=enc.view(bsz, n, -1),
+            encoder_attention_mask=enc_mask.view(bsz, n, -1),
+            input_ids=_pad(full_rows, self.gen_pad, left=False),
+            attention_mask=_pad([[1] * len(r) for r in full_rows], 0, left=False),
+            labels=_pad(label_rows, -100, left=False),
+            prompt_ids=_pad(prompt_rows, self.gen_pad, left=True),
+            prompt_attention_mask=_pad([[1] * len(r) for r in prompt_rows], 0, left=True),
+            record_ids=list(record_ids),
+        )
+
+
+def _padded_ctxs(records: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
+    """The first n candidates of each record, padded with empty ones, flattened to B*n."""
+    empty = {"title": "", "text": ""}
+    return [ctx for r in records for ctx in (r["ctxs"][:n] + [empty] * max(0, n - len(r["ctxs"])))]
+
+
+def reranker_pairs(
+    records: list[dict[str, Any]], tokenizer: Any, data: DataConfig, max_length: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Cross-encoder inputs for every (question, passage) pair, flattened to [B*n, Lr], and the
+    [B, n] mask of real candidates. Pairs are truncated longest-first to ``max_length``, as the
+    usual cross-encoder tools do."""
+    n = data.n_candidates
+    passages = [data.passage_template.format(title=c["title"], text=c["text"]) for c in _padded_ctxs(records, n)]
+    questions = [r["question"] for r in records for _ in range(n)]
+    inputs = tokenizer(questions, passages, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return dict(inputs), candidate_mask(records, n)
+
+
+def candidate_mask(records: list[dict[str, Any]], n: int) -> torch.Tensor:
+    """[B, n] True for each record's real candidates, False for padding."""
+    valid = torch.zeros(len(records), n, dtype=torch.bool)
+    for b, record in enumerate(records):
+        valid[b, : min(n, len(record["ctxs"]))] = True
+    return valid
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    return 0
+
+
+class MicroBatchSchedule:
+    """Which records each rank reads at each micro-step, as a pure function of the step.
+
+    Every epoch is a permutation seeded by (seed, epoch); rank r takes positions
+    r, r + W, r + 2W, ... of it, cut to a whole number of micro-batches on every rank. Because
+    the position is just the global micro-step, resuming needs no sampler state beyond the step
+    counter, and every rank always runs the same number of steps (ZeRO-3 needs lock step).
+    """
+
+    def __init__(self, num_records: int, micro_batch_size: int, world_size: int, rank: int, seed: int) -> None:
+        per_step = micro_batch_size * world_size
+        if num_records < per_step:
+            raise ValueError(
+                f"{num_records} training records cannot fill one step of {micro_batch_size} queries "
+                f"on each of {world_size} ranks"
+            )
+        self.num_records = num_records
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.steps_per_epoch = num_records // per_step
+        self._epoch_cache: tuple[int, list[int]] | None = None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch_cache = (epoch, torch.randperm(self.num_records, generator=gen).tolist())
+        return self._epoch_cache[1]
+
+    def epoch_of(self, micro_step: int) -> int:
+        return micro_step // self.steps_per_epoch
+
+    def indices(self, micro_step: int) -> list[int]:
+        epoch, pos = divmod(micro_step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        start = pos * self.micro_batch_size * self.world_size
+        block = perm[start : start + self.micro_batch_size * self.world_size]
+        return block[self.rank :: self.world_size]

@@ -1,0 +1,99 @@
+"""The small interface between training/evaluation and any frozen parallel-context generator.
+
+CEPE, FiD and decoder-only LLMs in parallel-context mode all look the same to the trainer,
+the objectives and evaluation: encode the candidate documents once (no autograd: the encoder
+does not depend on the mask), then score an answer, or generate one, under a per-document
+log-mask that is added to every cross-attention score of that document's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class EncodedContexts:
+    """Encoder output for B queries with n candidate documents of L tokens each.
+
+    ``states`` holds one tensor per cross-attention source (usually one: the encoder's last
+    normed hidden state), each [B, n*L, H_enc]; ``key_padding`` is [B, n, L] (True = real
+    token). Both carry no autograd graph.
+    """
+
+    states: tuple[torch.Tensor, ...]
+    key_padding: torch.Tensor
+
+    @property
+    def num_docs(self) -> int:
+        return self.key_padding.shape[1]
+
+    @property
+    def doc_len(self) -> int:
+        return self.key_padding.shape[2]
+
+
+@dataclass
+class AnswerLogProbs:
+    """Per-token log-probabilities of the answer tokens, [B, T] (or [B, m, T] for m masks)."""
+
+    token_logprobs: torch.Tensor
+    token_mask: torch.Tensor  # same shape, True where the token is part of the answer
+
+    def sum(self) -> torch.Tensor:
+        """Sequence log-likelihood log p(a | q, D, mask)."""
+        return (self.token_logprobs * self.token_mask).sum(-1)
+
+    def mean(self) -> torch.Tensor:
+        """Mean per-token log-likelihood (the quantity Atlas-style PDist/LOOP targets use)."""
+        return self.sum() / self.token_mask.sum(-1).clamp(min=1)
+
+    def token_mean_nll(self) -> torch.Tensor:
+        """The usual language-model loss: token-level cross-entropy averaged over all answer
+        tokens of the batch (the G-Rerank training loss)."""
+        return -(self.token_logprobs * self.token_mask).sum() / self.token_mask.sum().clamp(min=1)
+
+
+@runtime_checkable
+class ParallelContextGenerator(Protocol):
+    """What every frozen generator offers to the trainer, the objectives and evaluation.
+
+    Shapes: B queries, n candidates, L document tokens, S prompt+answer tokens.
+    ``doc_log_mask`` is [B, n] (one mask per query) or [B, m, n] (m masks per query, run as
+    one batched decoder call over B*m rows that share the encoder states); ``-inf`` removes a
+    document exactly, 0 keeps it with full weight.
+    """
+
+    def encode_contexts(
+        self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor
+    ) -> EncodedContexts:
+        """Encode the B*n documents independently (same position ids), without autograd."""
+        ...
+
+    def answer_logprobs(
+        self,
+        contexts: EncodedContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+    ) -> AnswerLogProbs:
+        """Log-probabilities of the label tokens (labels == -100 are ignored) given the prompt
+        and the documents weighted by ``doc_log_mask``. Differentiable w.r.t. the mask."""
+        ...
+
+    def generate(
+        self,
+        contexts: EncodedContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        stop_token_ids: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Greedy continuation [B, <=max_new_tokens] of left-padded prompts (pad after a stop
+        token with the tokenizer's pad id). Under ZeRO-3 every rank runs the same number of
+        decoder steps, so ranks must call it in lock step."""
+        ...

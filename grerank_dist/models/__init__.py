@@ -1,0 +1,54 @@
+"""Generator models that sit behind :class:`grerank_dist.generator.ParallelContextGenerator`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RANDOM_PREFIX = "random:"
+
+
+def load_generator(path: str, vocab_texts: Iterable[str] = (), seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """A frozen generator and its tokenizer from a local checkpoint directory.
+
+    ``random:tiny`` builds a random-init tiny CEPE whose word-level vocabulary covers
+    ``vocab_texts`` (smoke runs and tests; every rank builds the same weights from ``seed``).
+    A directory is dispatched on its ``config.json`` ``model_type``.
+    """
+    from transformers import AutoTokenizer
+
+    from grerank_dist.models.cepe import CepeConfig, CepeForCausalContextLM, tiny_cepe_config
+
+    if path.startswith(RANDOM_PREFIX):
+        size = path[len(RANDOM_PREFIX) :]
+        if size != "tiny":
+            raise ValueError(f"generator.path {path!r}: the only random generator is 'random:tiny'")
+        from grerank_dist.tokenization import build_word_tokenizer
+
+        tokenizer = build_word_tokenizer(vocab_texts, "decoder")
+        torch.manual_seed(seed)
+        model = CepeForCausalContextLM(tiny_cepe_config(vocab_size=len(tokenizer)))
+    else:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: not a generator checkpoint directory (no config.json)")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_file}: not valid JSON at line {exc.lineno}: {exc.msg}") from exc
+        # The public CEPE release says model_type "llama"; its cross-attention keys identify it.
+        if raw.get("model_type") != CepeConfig.model_type and "num_cross_attn_layers" not in raw:
+            raise ValueError(
+                f"{config_file}: model_type {raw.get('model_type')!r} is not a supported generator "
+                f"(supported: CEPE checkpoints, model_type {CepeConfig.model_type!r} or a config with "
+                f"'num_cross_attn_layers')"
+            )
+        model = CepeForCausalContextLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer

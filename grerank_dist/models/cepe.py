@@ -1,0 +1,955 @@
+"""CEPE-Llama: a frozen parallel-context generator whose cross-attention takes a per-document log-mask.
+
+The architecture and the state-dict names are those of the released CEPE-LLaMA-2-7B checkpoint
+(a Llama-2 decoder whose last ``num_cross_attn_layers`` layers cross-attend to the states of a
+small bidirectional Llama encoder that reads every context document independently), so that
+checkpoint loads unchanged. What differs is the cross-attention: it is ours, and adds the
+G-Rerank log-mask ``log M_i`` to every score of document ``i``'s keys through
+:func:`grerank_dist.attention.masked_attention`; with ``log M in {0, -inf}`` it is exactly
+reranking (the model sees only the kept documents).
+
+Layout of one decoder layer with cross-attention (the release's order)::
+
+    h = h + self_attn(input_layernorm(h))          # causal, RoPE
+    h = h + cross_attn(cross_attn.layernorm(h))    # no RoPE, keys/values from the encoder
+    h = h + mlp(post_attention_layernorm(h))
+
+Only standard ``nn.Linear`` / ``nn.Embedding`` / RMSNorm modules hold parameters and every
+submodule is called through ``__call__``, so the model can be built and run partitioned under
+DeepSpeed ZeRO-3 (``HfDeepSpeedConfig`` + ``from_pretrained`` / ``from_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import LlamaConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils import ModelOutput
+
+from grerank_dist.attention import BACKENDS, expand_doc_bias, masked_attention
+from grerank_dist.generator import AnswerLogProbs, EncodedContexts
+
+__all__ = [
+    "CepeCausalLMOutput",
+    "CepeConfig",
+    "CepeForCausalContextLM",
+    "cepe_7b_config",
+    "check_checkpoint_weights",
+    "convert_bin_to_safetensors",
+    "expected_weight_shapes",
+    "load_cepe_config",
+    "tiny_cepe_config",
+]
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# model_type of the released config.json ("llama") and of the configs this module writes.
+_ACCEPTED_MODEL_TYPES = ("llama", "cepe_llama")
+_SUPPORTED_SELF_ATTENTION = ("sdpa", "eager")  # both honour our explicit additive masks
+_MAX_KEYS_IN_ERROR = 12
+
+
+class CepeConfig(LlamaConfig):
+    """Config of :class:`CepeForCausalContextLM`: the decoder's Llama fields plus CEPE's keys.
+
+    The CEPE keys keep the names (and the meaning) of the released ``config.json`` so that it
+    loads as is. Keys that only mattered for training CEPE itself (``train_encoder``,
+    ``train_batch_mode``, ``offload_hidden_states``, ``lm_loss_cof``, ``kl_loss_*``) are kept
+    for round-trip and otherwise ignored. ``is_decoder`` is never read: the decoder is always
+    causal (the public code silently turns a decoder with ``is_decoder: false`` bidirectional).
+
+    ``cross_attn_backend`` (ours) picks the kernel of the masked cross-attention: "auto" or one
+    of :data:`grerank_dist.attention.BACKENDS`; it is read at every call, so it can be changed
+    on a built model.
+    """
+
+    model_type = "cepe_llama"
+
+    do_cross_attention: bool = True
+    num_cross_attn_layers: int | None = None  # None: every decoder layer
+    num_cross_attn_hidden_states: int = 1
+    is_decoder: bool = True
+    encoder_hidden_size: int | None = None  # None: encoder_config["hidden_size"]
+    encoder_is_model: bool = False
+    encoder_config: dict | None = None
+    train_encoder: bool = False
+    encode_mode: str = "context_only"
+    train_batch_mode: str = "none"
+    offload_hidden_states: bool = False
+    lm_loss_cof: float = 1.0
+    kl_loss_cof: float = 1.0
+    kl_loss_mode: str = "smooth"
+    cross_attn_backend: str = "auto"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.num_cross_attn_layers is None:
+            self.num_cross_attn_layers = self.num_hidden_layers
+        if self.encoder_hidden_size is None and isinstance(self.encoder_config, dict):
+            self.encoder_hidden_size = self.encoder_config.get("hidden_size")
+        self._check_cepe_fields()
+
+    def _check_cepe_fields(self) -> None:
+        """Reject settings this implementation would otherwise silently get wrong."""
+
+        def fail(field: str, message: str) -> None:
+            raise ValueError(f"CepeConfig field '{field}': {message}")
+
+        if not 0 <= self.num_cross_attn_layers <= self.num_hidden_layers:
+            fail("num_cross_attn_layers", f"must be in [0, num_hidden_layers={self.num_hidden_layers}], "
+                 f"got {self.num_cross_attn_layers}")
+        if self.num_cross_attn_hidden_states < 1:
+            fail("num_cross_attn_hidden_states", f"must be >= 1, got {self.num_cross_attn_hidden_states}")
+        if self.encoder_is_model:
+            fail("encoder_is_model", "true (the decoder encoding its own contexts) is not supported; "
+                 "the released CEPE checkpoints use a separate encoder")
+        if self.encode_mode != "context_only":
+            fail("encode_mode", f"only 'context_only' is supported, got {self.encode_mode!r}")
+        if self.cross_attn_backend not in ("auto", *BACKENDS):
+            fail("cross_attn_backend", f"must be 'auto' or one of {', '.join(BACKENDS)}, got {self.cross_attn_backend!r}")
+        if self.attention_dropout:
+            fail("attention_dropout", f"must be 0 (the generator must be deterministic in train mode), "
+                 f"got {self.attention_dropout}")
+        if self.attention_bias or self.mlp_bias:
+            fail("attention_bias" if self.attention_bias else "mlp_bias",
+                 "must be false: the released layout has no bias tensors")
+        if self.encoder_config is None:
+            return
+        if not isinstance(self.encoder_config, dict):
+            fail("encoder_config", f"must be a JSON object (a Llama config), got {type(self.encoder_config).__name__}")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if not isinstance(self.encoder_config.get(key), int) or isinstance(self.encoder_config.get(key), bool):
+                fail(f"encoder_config.{key}", f"must be an integer, got {self.encoder_config.get(key)!r}")
+        if self.encoder_hidden_size != self.encoder_config["hidden_size"]:
+            fail("encoder_hidden_size", f"{self.encoder_hidden_size} differs from "
+                 f"encoder_config.hidden_size={self.encoder_config['hidden_size']}")
+        cross_layers = self.num_cross_attn_layers if self.do_cross_attention else 0
+        encoder_states = self.encoder_config["num_hidden_layers"] + 1
+        if self.num_cross_attn_hidden_states > 1 and cross_layers > encoder_states:
+            fail("num_cross_attn_layers", f"{cross_layers} cross-attention layers each need their own encoder "
+                 f"hidden state (num_cross_attn_hidden_states > 1) but the encoder has {encoder_states}")
+
+    def encoder_llama_config(self) -> LlamaConfig:
+        """The bidirectional encoder's Llama config, built from the nested ``encoder_config``."""
+        if self.encoder_config is None:
+            raise ValueError("CepeConfig field 'encoder_config' is missing: CEPE needs its encoder's Llama config")
+        encoder_config = LlamaConfig.from_dict(dict(self.encoder_config))
+        encoder_config._attn_implementation = self._attn_implementation
+        return encoder_config
+
+    def cross_attention_layer_ids(self) -> list[int]:
+        """Decoder layers with cross-attention: the last ``num_cross_attn_layers``."""
+        if not self.do_cross_attention:
+            return []
+        return list(range(self.num_hidden_layers - self.num_cross_attn_layers, self.num_hidden_layers))
+
+
+def load_cepe_config(config_file: str | os.PathLike) -> CepeConfig:
+    """Read a CEPE ``config.json`` (released or written by :meth:`CepeConfig.save_pretrained`).
+
+    Every problem is reported as a ValueError naming the file and the field.
+    """
+    config_file = Path(config_file)
+    try:
+        raw = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_file}: no config.json; a CEPE model directory needs one") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: must hold a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type not in _ACCEPTED_MODEL_TYPES:
+        raise ValueError(f"{config_file}: field 'model_type' must be one of {_ACCEPTED_MODEL_TYPES}, got {model_type!r}")
+    if "encoder_config" not in raw:
+        raise ValueError(f"{config_file}: field 'encoder_config' is missing (the encoder's Llama config)")
+    raw = {key: value for key, value in raw.items() if key != "model_type"}
+    try:
+        return CepeConfig.from_dict(raw)
+    except (ValueError, TypeError) as err:  # strict dataclass errors subclass ValueError/TypeError
+        raise ValueError(f"{config_file}: {err}") from None
+
+
+def tiny_cepe_config(vocab_size: int = 64, **overrides: Any) -> CepeConfig:
+    """A small random-init CEPE for tests and demos: 2+2 layers, hidden 64 (encoder 48), GQA 4/2 heads.
+
+    The encoder has a different width and one more token than the decoder, as in the release,
+    so shape bugs between the two cannot hide.
+    """
+    encoder_config = {
+        "model_type": "llama",
+        "vocab_size": vocab_size + 1,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+    }
+    encoder_config.update(overrides.pop("encoder_config", {}))
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "do_cross_attention": True,
+        "num_cross_attn_layers": 2,
+        "encoder_config": encoder_config,
+    }
+    fields.update(overrides)
+    return CepeConfig(**fields)
+
+
+def cepe_7b_config(**overrides: Any) -> CepeConfig:
+    """The released CEPE-LLaMA-2-7B shapes (Llama-2-7B decoder, 24-layer 1024-wide encoder).
+
+    For random-weight benchmarks of the real size, e.g. built on the meta device.
+    """
+    encoder_config = {
+        "model_type": "llama",
+        "vocab_size": 32001,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    fields: dict[str, Any] = {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "do_cross_attention": True,
+        "num_cross_attn_layers": 32,
+        "encoder_config": encoder_config,
+    }
+    fields.update(overrides)
+    return CepeConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, the dtype's lowest finite value elsewhere.
+
+    A finite fill (not -inf) keeps rows with no allowed key (padding queries, all-padding
+    documents) finite instead of NaN; allowed keys still get exactly all the weight.
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _causal_padding_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[R, 1, Q, K] additive mask: the last Q tokens attend causally to the non-padding tokens."""
+    key_len = attention_mask.shape[1]
+    query_pos = torch.arange(key_len - query_len, key_len, device=attention_mask.device)
+    key_pos = torch.arange(key_len, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return _additive_mask(allowed, dtype)
+
+
+class CepeCrossAttention(nn.Module):
+    """Decoder-to-documents attention with the per-document log-mask bias.
+
+    The query stream is RMS-normed here (``layernorm``, as in the release); keys and values are
+    plain projections of the encoder states (no norm, no RoPE); grouped-query heads as the
+    decoder's self-attention; softmax in fp32 (every backend of ``masked_attention``).
+    """
+
+    def __init__(self, config: CepeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project_keys_values(self, encoder_states: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, Hkv, N, D] from encoder states [B, N, H_enc].
+
+        Projected once for the B queries, then repeated for their rows/B masks (the decoder rows
+        of one query are consecutive), so m masks cost no extra projection.
+        """
+        batch, n_keys, _ = encoder_states.shape
+        shape = (batch, n_keys, self.num_kv_heads, self.head_dim)
+        keys = self.k_proj(encoder_states).view(shape).transpose(1, 2)
+        values = self.v_proj(encoder_states).view(shape).transpose(1, 2)
+        if rows != batch:
+            keys = keys.repeat_interleave(rows // batch, dim=0)
+            values = values.repeat_interleave(rows // batch, dim=0)
+        return keys, values
+
+    def forward(
+        self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor
+    ) -> torch.Tensor:
+        rows, seq_len, _ = hidden_states.shape
+        queries = self.q_proj(self.layernorm(hidden_states))
+        queries = queries.view(rows, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        attended = masked_attention(
+            queries, keys, values, key_bias, backend=self.config.cross_attn_backend, scale=self.head_dim**-0.5
+        )
+        return self.o_proj(attended.transpose(1, 2).reshape(rows, seq_len, self.num_heads * self.head_dim))
+
+
+class CepeDecoderLayer(nn.Module):
+    """Llama decoder layer with an optional cross-attention block between self-attention and MLP."""
+
+    def __init__(self, config: CepeConfig, layer_idx: int, has_cross_attention: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.cross_attn = CepeCrossAttention(config) if has_cross_attention else None
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        self_attn_mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_bias: torch.Tensor | None = None,
+        encoder_states: torch.Tensor | None = None,
+        cross_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Tensors are positional so that reentrant checkpointing sees (and differentiates) them all.
+
+        Cross-attention reads either ``encoder_states`` (projected here, inside any checkpoint, so
+        the keys/values are recomputed rather than stored) or precomputed ``cross_keys_values``.
+        """
+        attended, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=(cos, sin),
+            attention_mask=self_attn_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = hidden_states + attended
+        if self.cross_attn is not None and key_bias is not None:
+            if cross_keys_values is None:
+                cross_keys_values = self.cross_attn.project_keys_values(encoder_states, hidden_states.shape[0])
+            hidden_states = hidden_states + self.cross_attn(hidden_states, *cross_keys_values, key_bias)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class CepeDecoder(nn.Module):
+    """The Llama-2 decoder stack (state-dict prefix ``model.``)."""
+
+    def __init__(self, config: CepeConfig) -> None:
+        super().__init__()
+        cross_layers = set(config.cross_attention_layer_ids())
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            CepeDecoderLayer(config, idx, idx in cross_layers) for idx in range(config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        # which entry of the encoder-state tuple each cross-attention layer reads
+        n_sources = len(cross_layers) if config.num_cross_attn_hidden_states > 1 else 1
+        self.source_of_layer = {idx: min(j, n_sources - 1) for j, idx in enumerate(sorted(cross_layers))}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        key_bias: torch.Tensor | None,
+        encoder_states: tuple[torch.Tensor, ...] | None,
+        cross_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        past_key_values: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states [R, Q, H] of the Q = input_ids.shape[1] newest tokens.
+
+        ``attention_mask`` [R, K] covers the cached and the new tokens (K >= Q); position ids
+        come from it (cumsum - 1), so left and right padding both work.
+        """
+        query_len = input_ids.shape[1]
+        hidden_states = self.embed_tokens(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -query_len:]
+        cos, sin = self.rotary_emb(hidden_states, position_ids)
+        self_attn_mask = _causal_padding_mask(attention_mask, query_len, hidden_states.dtype)
+        for idx, layer in enumerate(self.layers):
+            source = None
+            if encoder_states is not None and idx in self.source_of_layer:
+                source = encoder_states[self.source_of_layer[idx]]
+            layer_kv = cross_keys_values[idx] if cross_keys_values is not None else None
+            inputs = (hidden_states, self_attn_mask, cos, sin, key_bias, source)
+            if self._checkpoint_this_call(inputs, past_key_values, layer_kv):
+                hidden_states = checkpoint(layer, *inputs, use_reentrant=True)
+            else:
+                hidden_states = layer(*inputs, layer_kv, past_key_values)
+        return self.norm(hidden_states)
+
+    def _checkpoint_this_call(self, inputs: tuple, past_key_values: Any, layer_kv: Any) -> bool:
+        """Reentrant checkpointing only helps (and only works) when some input needs a gradient."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return False
+        if past_key_values is not None or layer_kv is not None:
+            return False
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+class CepeEncoder(nn.Module):
+    """The bidirectional Llama context encoder (state-dict prefix ``encoder.``).
+
+    Each document is encoded alone with position ids 0..L-1 whatever its padding (as CEPE was
+    trained); padding keys are masked out.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_states: int) -> tuple[torch.Tensor, ...]:
+        """The last ``num_states`` of (embeddings, layer 1..L-1 outputs, norm(layer L output)).
+
+        ``num_states`` = 1 gives the normed last hidden state, which is all the release uses.
+        """
+        n_docs, doc_len = input_ids.shape
+        hidden_states = self.embed_tokens(input_ids)
+        position_ids = torch.arange(doc_len, device=input_ids.device).expand(n_docs, doc_len)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        key_mask = _additive_mask(attention_mask.bool()[:, None, None, :], hidden_states.dtype)
+        all_states = [hidden_states]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=key_mask, position_embeddings=position_embeddings)
+            all_states.append(hidden_states)
+        all_states[-1] = self.norm(hidden_states)
+        return tuple(all_states[-num_states:])
+
+
+def _build_modules(config: CepeConfig) -> dict[str, nn.Module]:
+    """The three top-level parts, shared by the model and the checkpoint's expected-shape list."""
+    if config.encoder_config is None:
+        raise ValueError("CepeConfig field 'encoder_config' is missing: CEPE needs its encoder's Llama config")
+    return {
+        "model": CepeDecoder(config),
+        "lm_head": nn.Linear(config.hidden_size, config.vocab_size, bias=False),
+        "encoder": CepeEncoder(config.encoder_llama_config()),
+    }
+
+
+def expected_weight_shapes(config: CepeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a checkpoint for ``config`` with its shape (built on the meta device)."""
+    with torch.device("meta"):
+        parts = _build_modules(config)
+    return {
+        f"{prefix}.{name}": tuple(tensor.shape)
+        for prefix, module in parts.items()
+        for name, tensor in module.state_dict().items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def _format_keys(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_KEYS_IN_ERROR])
+    return shown + (f", ... ({len(keys) - _MAX_KEYS_IN_ERROR} more)" if len(keys) > _MAX_KEYS_IN_ERROR else "")
+
+
+def _read_weight_map(index_file: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_file}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_file}: field 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def _checkpoint_files(model_dir: Path) -> tuple[list[Path], Path]:
+    """The weight files of a model directory and the file that lists them (index or single file)."""
+    for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (BIN_WEIGHTS_INDEX_NAME, BIN_WEIGHTS_NAME)):
+        index_file = model_dir / index_name
+        if index_file.is_file():
+            shard_names = sorted(set(_read_weight_map(index_file).values()))
+            missing = [name for name in shard_names if not (model_dir / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index_file}: shard file(s) {missing} listed in 'weight_map' do not exist")
+            return [model_dir / name for name in shard_names], index_file
+        if (model_dir / single_name).is_file():
+            return [model_dir / single_name], model_dir / single_name
+    raise FileNotFoundError(
+        f"{model_dir}: no weights found (expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
+        f"{BIN_WEIGHTS_NAME} or {BIN_WEIGHTS_INDEX_NAME})"
+    )
+
+
+def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
+    """A pickle shard, read safely: tensors only (weights_only) and memory-mapped, not copied into RAM."""
+    state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{shard}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _shard_shapes(shard: Path) -> dict[str, tuple[int, ...]]:
+    if shard.suffix == ".safetensors":
+        with safe_open(shard, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return {key: tuple(tensor.shape) for key, tensor in _load_bin(shard).items()}
+
+
+def check_checkpoint_weights(model_dir: str | os.PathLike, config: CepeConfig) -> None:
+    """Fail unless the directory's weights are exactly the tensors (names and shapes) of ``config``.
+
+    transformers only warns about missing or unexpected weights and leaves missing ones
+    randomly initialised; a generator silently half-loaded would train a reranker on noise.
+    """
+    model_dir = Path(model_dir)
+    shards, listing = _checkpoint_files(model_dir)
+    found: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for shard in shards:
+        for key, shape in _shard_shapes(shard).items():
+            found[key] = (shape, shard)
+    expected = expected_weight_shapes(config)
+    missing = expected.keys() - found.keys()
+    if missing:
+        raise ValueError(f"{listing}: missing weight(s) {_format_keys(missing)}")
+    unexpected = found.keys() - expected.keys()
+    if unexpected:
+        raise ValueError(f"{listing}: unexpected weight(s) {_format_keys(unexpected)} (not part of this config's model)")
+    wrong = [
+        f"{key} in {found[key][1].name} has shape {list(found[key][0])}, config expects {list(shape)}"
+        for key, shape in sorted(expected.items())
+        if found[key][0] != shape
+    ]
+    if wrong:
+        raise ValueError(f"{listing}: wrong shape(s): " + "; ".join(wrong[:_MAX_KEYS_IN_ERROR]))
+
+
+def convert_bin_to_safetensors(
+    src_dir: str | os.PathLike, dst_dir: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """One-time conversion of a pickle ``.bin`` checkpoint (the 34 GB release) to safetensors.
+
+    Shards are converted one at a time (memory-mapped reads), keeping their split; the index is
+    rewritten for the new names, and every other file (config, tokenizer) is copied. ``dtype``
+    (e.g. ``torch.bfloat16``) also casts the floating-point tensors, halving the fp32 release.
+    """
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    shards, _ = _checkpoint_files(src_dir)
+    if any(shard.suffix == ".safetensors" for shard in shards):
+        raise ValueError(f"{src_dir}: already holds safetensors weights, nothing to convert")
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for number, shard in enumerate(shards, start=1):
+        out_name = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        seen_storages: set[int] = set()
+        for key, tensor in _load_bin(shard).items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            storage = tensor.untyped_storage().data_ptr()
+            # safetensors refuses tensors that share memory; copy those (tied or viewed weights)
+            tensor = tensor.clone() if storage in seen_storages else tensor.contiguous()
+            seen_storages.add(storage)
+            tensors[key] = tensor
+            weight_map[key] = out_name
+            total_size += tensor.numel() * tensor.element_size()
+        save_file(tensors, str(dst_dir / out_name), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (dst_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    weight_files = {shard.name for shard in shards} | {BIN_WEIGHTS_INDEX_NAME}
+    for item in src_dir.iterdir():
+        if item.is_file() and item.name not in weight_files:
+            (dst_dir / item.name).write_bytes(item.read_bytes())
+    return dst_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class CepeCausalLMOutput(ModelOutput):
+    """``logits`` [R, S, V] in fp32 (R = B, or B*m with m masks per query); ``loss`` the token-mean
+    cross-entropy over ``labels != -100``; ``contexts`` the encoder output (reusable)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    contexts: EncodedContexts | None = None
+
+
+class CepeForCausalContextLM(PreTrainedModel):
+    """CEPE-Llama with a per-document log-mask in every cross-attention; implements
+    :class:`grerank_dist.generator.ParallelContextGenerator`.
+
+    All parameters are frozen after construction and loading (``requires_grad`` False); the
+    gradient of the answer loss reaches only ``doc_log_mask``. Unfreezing (``requires_grad_(True)``,
+    e.g. to train a reader) is supported: the encoder then runs with autograd too.
+
+    Several masks per query: ``doc_log_mask`` [B, m, n] runs B*m decoder rows (row b*m + j is
+    query b under mask j) over one encoding of the documents. The decoder inputs may be given
+    per query ([B, S], repeated for its m masks) or per row ([B*m, S]); outputs are per row.
+    """
+
+    config_class = CepeConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CepeDecoderLayer", "LlamaDecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: CepeConfig) -> None:
+        super().__init__(config)
+        parts = _build_modules(config)
+        self.model = parts["model"]
+        self.lm_head = parts["lm_head"]
+        self.encoder = parts["encoder"]
+        self.post_init()
+        self.requires_grad_(False)
+
+    # --- HF plumbing ------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Reentrant checkpointing of every decoder layer.
+
+        Unlike transformers' default, no hook makes the embeddings require grad (that hook
+        keeps ZeRO-3 parameters gathered after backward); the log-mask already requires grad.
+        """
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", True) is not True or kwargs or every_n_layers != 1 or offload:
+            raise ValueError(
+                "CepeForCausalContextLM supports only reentrant checkpointing of every decoder layer "
+                f"(got kwargs={activation_checkpointing_kwargs}, every_n_layers={every_n_layers}, offload={offload})"
+            )
+        self.model.gradient_checkpointing = True
+
+    def activation_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
+    ) -> CepeForCausalContextLM:
+        """Load a LOCAL model directory (released or saved by :meth:`save_pretrained`), strictly.
+
+        The config and every weight's name and shape are checked first (ValueError naming the
+        file and the field or keys); the weights are then loaded by transformers, which honours
+        ``dtype``, ``device_map`` and an active ``HfDeepSpeedConfig`` (ZeRO-3 partitioned loading).
+        ``.bin`` shards are read with ``torch.load(weights_only=True, mmap=True)``.
+        """
+        model_dir = Path(pretrained_model_name_or_path)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir}: not a local model directory (loading from a hub is disabled)")
+        config = kwargs.pop("config", None) or load_cepe_config(model_dir / CONFIG_NAME)
+        check_checkpoint_weights(model_dir, config)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault("use_safetensors", not _checkpoint_files(model_dir)[0][0].name.endswith(".bin"))
+        model = super().from_pretrained(model_dir, *model_args, config=config, **kwargs)
+        model.requires_grad_(False)
+        return model
+
+    # --- encoder ------------------------------------------------------------------------------
+
+    def encode_contexts(
+        self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None
+    ) -> EncodedContexts:
+        """Encode B*n documents [B, n, L] independently (same position ids per document).
+
+        Runs without autograd unless some encoder parameter requires grad (reader training):
+        the frozen encoder does not depend on the mask, so a graph would only cost memory.
+        """
+        if encoder_input_ids.dim() != 3:
+            raise ValueError(f"encoder_input_ids must be [B, n, L], got shape {tuple(encoder_input_ids.shape)}")
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones_like(encoder_input_ids)
+        if encoder_attention_mask.shape != encoder_input_ids.shape:
+            raise ValueError(
+                f"encoder_attention_mask shape {tuple(encoder_attention_mask.shape)} differs from "
+                f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
+            )
+        batch, n_docs, doc_len = encoder_input_ids.shape
+        n_states = len(self.config.cross_attention_layer_ids()) if self.config.num_cross_attn_hidden_states > 1 else 1
+        trainable = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            states = self.encoder(
+                encoder_input_ids.reshape(batch * n_docs, doc_len),
+                encoder_attention_mask.reshape(batch * n_docs, doc_len),
+                num_states=max(n_states, 1),
+            )
+        states = tuple(s.reshape(batch, n_docs * doc_len, s.shape[-1]) for s in states)
+        return EncodedContexts(states=states, key_padding=encoder_attention_mask.bool())
+
+    # --- decoder ------------------------------------------------------------------------------
+
+    def _decoder_rows(
+        self,
+        contexts: EncodedContexts | None,
+        doc_log_mask: torch.Tensor | None,
+        tensors: dict[str, torch.Tensor | None],
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, int]:
+        """Check shapes; return the per-row decoder inputs, the per-key bias [R, n*L] and m."""
+        input_ids = tensors["input_ids"]
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+        masks_per_query = 1
+        if contexts is None:
+            if doc_log_mask is not None:
+                raise ValueError("doc_log_mask was given without documents (contexts or encoder_input_ids)")
+            return tensors, None, masks_per_query
+        batch, n_docs = contexts.key_padding.shape[:2]
+        if doc_log_mask is None:
+            doc_log_mask = torch.zeros(batch, n_docs, device=contexts.key_padding.device)
+        if doc_log_mask.dim() == 3:
+            masks_per_query = doc_log_mask.shape[1]
+        expected = (batch, n_docs) if doc_log_mask.dim() == 2 else (batch, masks_per_query, n_docs)
+        if tuple(doc_log_mask.shape) != expected:
+            raise ValueError(
+                f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
+                f"got {list(doc_log_mask.shape)}"
+            )
+        rows = batch * masks_per_query
+        if input_ids.shape[0] == batch and masks_per_query > 1:
+            tensors = {k: None if v is None else v.repeat_interleave(masks_per_query, dim=0) for k, v in tensors.items()}
+        elif input_ids.shape[0] != rows:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {masks_per_query} mask(s) "
+                f"each it must have {batch} or {rows}"
+            )
+        key_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
+        return tensors, key_bias, masks_per_query
+
+    def _final_hidden(
+        self,
+        contexts: EncodedContexts | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        doc_log_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, key_bias, masks_per_query = self._decoder_rows(
+            contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        )
+        if rows["attention_mask"].shape != rows["input_ids"].shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
+            )
+        hidden = self.model(
+            rows["input_ids"], rows["attention_mask"], key_bias, None if contexts is None else contexts.states
+        )
+        return hidden, rows["labels"], masks_per_query
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        encoder_input_ids: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        doc_log_mask: torch.Tensor | None = None,
+        contexts: EncodedContexts | None = None,
+    ) -> CepeCausalLMOutput:
+        """Logits (fp32) and loss of the prompt+answer tokens given the (masked) documents.
+
+        Documents come either as ``encoder_input_ids``/``encoder_attention_mask`` [B, n, L]
+        (encoded here) or as already encoded ``contexts``; with neither, the decoder runs alone.
+        ``doc_log_mask``: None (every document with weight 1), [B, n] or [B, m, n].
+        """
+        if contexts is not None and encoder_input_ids is not None:
+            raise ValueError("pass either contexts or encoder_input_ids, not both")
+        if encoder_input_ids is not None:
+            contexts = self.encode_contexts(encoder_input_ids, encoder_attention_mask)
+        hidden, labels, _ = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
+        logits = _at_least_fp32(self.lm_head(hidden))
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            ) / (targets != -100).sum().clamp_min(1)
+        return CepeCausalLMOutput(loss=loss, logits=logits, contexts=contexts)
+
+    def answer_logprobs(
+        self,
+        contexts: EncodedContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+    ) -> AnswerLogProbs:
+        """log p(labels[:, t] | tokens < t), aligned with ``labels`` ([R, S]; [B, m, S] for 3-D masks).
+
+        Only the positions that predict a label go through ``lm_head`` (the vocabulary
+        projection dominates the cost when answers are short).
+        """
+        hidden, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
+        if labels is None:
+            raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
+        is_target = labels != -100
+        is_target[:, 0] = False  # nothing predicts the first token
+        predicting = hidden[:, :-1][is_target[:, 1:]]
+        logits = _at_least_fp32(self.lm_head(predicting))
+        picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device)
+        token_logprobs = token_logprobs.masked_scatter(is_target, picked)
+        if doc_log_mask is not None and doc_log_mask.dim() == 3:
+            token_logprobs = token_logprobs.reshape(-1, masks_per_query, labels.shape[1])
+            is_target = is_target.reshape(-1, masks_per_query, labels.shape[1])
+        return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        contexts: EncodedContexts | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        stop_token_ids: list[int] | None = None,
+        *,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy continuation of LEFT-padded prompts: [R, T] (or [B, m, T] for 3-D masks), T <= max_new_tokens.
+
+        Generation stops at EOS or any of ``stop_token_ids`` (kept in the output, followed by
+        ``pad_token_id``, default config.pad_token_id, else EOS). The self-attention keys and
+        values are cached and the cross-attention ones projected once (``use_cache=False``
+        recomputes everything at every step). Under torch.distributed every rank keeps stepping
+        until all ranks are done, so ZeRO-3 parameter gathers stay in lock step.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1 for every row")
+        rows, key_bias, masks_per_query = self._decoder_rows(
+            contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
+        stop_ids = self._stop_token_ids(stop_token_ids, input_ids.device)
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else int(stop_ids[0])
+        tokens, mask = rows["input_ids"], rows["attention_mask"]
+        states = None if contexts is None else contexts.states
+        cache = DynamicCache() if use_cache else None
+        cross_kv = self._project_cross_keys_values(states, tokens.shape[0]) if use_cache else None
+        step_input = tokens
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        generated: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            hidden = self.model(step_input, mask, key_bias, states, cross_kv, cache)
+            next_token = self.lm_head(hidden[:, -1]).argmax(-1)
+            next_token = next_token.masked_fill(finished, pad_token_id)
+            generated.append(next_token)
+            finished |= torch.isin(next_token, stop_ids)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step_input = next_token[:, None] if use_cache else tokens
+            if _all_ranks_done(finished):
+                break
+        output = torch.stack(generated, dim=1)
+        if doc_log_mask is not None and doc_log_mask.dim() == 3:
+            output = output.reshape(-1, masks_per_query, output.shape[1])
+        return output
+
+    def _stop_token_ids(self, stop_token_ids: list[int] | None, device: torch.device) -> torch.Tensor:
+        eos = self.config.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        ids = eos_ids + [i for i in (stop_token_ids or []) if i not in eos_ids]
+        if not ids:
+            raise ValueError("no stop token: config.eos_token_id is None and stop_token_ids is empty")
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def _project_cross_keys_values(
+        self, states: tuple[torch.Tensor, ...] | None, rows: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Cross-attention keys/values of every layer, computed once for a whole generation."""
+        projected: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for idx, layer in enumerate(self.model.layers):
+            if states is None or layer.cross_attn is None:
+                projected.append(None)
+            else:
+                source = states[self.model.source_of_layer[idx]]
+                projected.append(layer.cross_attn.project_keys_values(source, rows))
+        return projected
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits lose the answer's log-probability; fp64 (gradient checks) stays fp64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _all_ranks_done(finished: torch.Tensor) -> bool:
+    """True once every row of every rank has stopped (one all-reduce per step when distributed)."""
+    local_done = finished.all()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(local_done)
+    flag = local_done.to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -1,0 +1,117 @@
+"""The trained cross-encoder reranker: loading, scoring, tiny random-init models, export.
+
+Any local directory that ``AutoModelForSequenceClassification`` loads with one label is a
+reranker (BGE-reranker-base is the reference). The export writes exactly such a directory
+(safetensors weights, tokenizer, config), so sentence-transformers' ``CrossEncoder`` and
+FlagEmbedding's ``FlagReranker`` load it as they load any public reranker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from grerank_dist.config import LoraConfig
+from grerank_dist.tokenization import build_word_tokenizer
+
+
+def load_reranker(path: str | Path, lora: LoraConfig | None = None) -> tuple[torch.nn.Module, Any]:
+    """Load a local cross-encoder (num_labels=1) and its tokenizer; wrap it in LoRA if asked."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a reranker directory (no config.json)")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft_config = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="SEQ_CLS",
+        )
+        model = get_peft_model(model, peft_config)
+    return model, tokenizer
+
+
+def tiny_reranker(texts: Iterable[str], seed: int = 0, hidden_size: int = 64, layers: int = 2) -> tuple[torch.nn.Module, Any]:
+    """A random-init BERT cross-encoder with a word-level vocabulary over ``texts``."""
+    tokenizer = build_word_tokenizer(texts, "cross-encoder")
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 32),
+        intermediate_size=hidden_size * 4,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config), tokenizer
+
+
+def reranker_scores(model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_candidates: int) -> torch.Tensor:
+    """Cross-encoder logits for flattened (query, passage) pairs, reshaped to [B, n] in fp32."""
+    logits = model(**inputs).logits
+    if logits.shape[-1] != 1:
+        raise ValueError(f"a reranker must have one output label, got {logits.shape[-1]}")
+    return logits.view(-1, num_candidates).float()
+
+
+def _unwrapped_for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model to save: LoRA adapters are merged into a copy."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def export_reranker(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    training_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a loadable reranker directory atomically (built in a temp dir, then renamed).
+
+    The result holds ``model.safetensors``, ``config.json`` (num_labels=1), the tokenizer and
+    ``grerank_training_config.json``; an existing directory is replaced only once the new one is
+    complete, so a crash never leaves a half-written reranker behind.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        plain = _unwrapped_for_export(model)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if training_config is not None:
+            (tmp / "grerank_training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,216 @@
+"""The G-Rerank training recipe: read it top to bottom.
+
+    grerank train --config configs/tiny_cpu.yaml [--resume auto] [key.sub=value ...]
+
+One process or many (torchrun, DeepSpeed's launcher, Slurm) run the same code. A frozen
+parallel-context generator sits in a ZeRO-3 engine with no optimizer; the reranker is trained
+data-parallel from the generator's answer loss through a Gumbel relaxed top-k document mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from grerank_dist.config import TrainConfig, load_config
+from grerank_dist.data import Batch, Collator, MicroBatchSchedule, read_records
+from grerank_dist.generator import ParallelContextGenerator
+from grerank_dist.models import RANDOM_PREFIX, load_generator
+from grerank_dist.objectives import OBJECTIVES, ObjectiveOutput
+from grerank_dist.relax import noise_generator
+from grerank_dist.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
+from grerank_dist.strategy import DeepSpeedStrategy
+from grerank_dist.tracking import MetricsLogger
+
+
+def record_texts(records: list[dict[str, Any]], config: TrainConfig) -> list[str]:
+    """Every text a word-level tokenizer of a random:tiny model must cover."""
+    d = config.data
+    texts = [d.prompt_template.format(question=r["question"]) for r in records]
+    texts += [a for r in records for a in r["answers"]]
+    texts += [d.doc_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]]
+    return texts
+
+
+def build_reranker(config: TrainConfig, records: list[dict[str, Any]]) -> tuple[torch.nn.Module, Any]:
+    spec = config.reranker
+    if spec.path.startswith(RANDOM_PREFIX):
+        if spec.path != f"{RANDOM_PREFIX}tiny":
+            raise ValueError(f"reranker.path {spec.path!r}: the only random reranker is 'random:tiny'")
+        passages = [config.data.passage_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]]
+        return tiny_reranker([r["question"] for r in records] + passages, seed=spec.seed)
+    return load_reranker(spec.path, lora=spec.lora)
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warmup, then linear or cosine decay to 0 (or constant) over max_steps."""
+    t = config.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        progress = min(1.0, progress)
+        return 1.0 - progress if t.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def training_step(
+    strategy: DeepSpeedStrategy,
+    reranker: torch.nn.Module,
+    generator: ParallelContextGenerator,
+    batch: Batch,
+    config: TrainConfig,
+    noise: torch.Generator,
+) -> ObjectiveOutput:
+    """One micro-step: scores -> relaxed mask -> masked generator -> loss -> reranker step.
+
+    The encoder runs once, without autograd (documents are encoded independently, so it does
+    not depend on the mask); the gradient reaches the reranker only through the log-mask in the
+    decoder's cross-attention. ``strategy.step`` applies the update at accumulation boundaries.
+    """
+    scores = reranker_scores(reranker, batch.reranker_inputs, config.data.n_candidates)  # [B, n]
+    contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+    objective = OBJECTIVES[config.train.objective]
+    out = objective(generator, contexts, batch, scores, config.relax, noise)  # mask -> generator -> loss
+    strategy.backward(out.loss)
+    strategy.step()
+    return out
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves in memory (the demo and the tests inspect it)."""
+
+    reranker_dir: Path
+    strategy: DeepSpeedStrategy
+    reranker: torch.nn.Module  # the reranker engine's module
+    generator: torch.nn.Module  # the generator engine's module (ZeRO-3 partitioned)
+    final_loss: float
+
+
+def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = None) -> TrainResult:
+    """Train a reranker with the configured objective and export it to OUTPUT/reranker."""
+    strategy = DeepSpeedStrategy(config, local_rank=local_rank)
+    out_dir = Path(config.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    torch.manual_seed(config.seed)
+
+    # Data: every rank reads and checks the whole file; the schedule picks each rank's share.
+    records, report = read_records(config.data.train_file, config.data.n_candidates, config.data.skip_bad_records)
+    if strategy.is_main:
+        print(report.summary(), flush=True)
+
+    # Models: the frozen generator into its ZeRO-3 engine first, then the trained reranker.
+    texts = record_texts(records, config)
+    gen_model, gen_tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed)
+    gen_model.config.cross_attn_backend = config.generator.attention_backend
+    if config.generator.gradient_checkpointing:
+        gen_model.activation_checkpointing_enable()
+    generator = strategy.build_generator_engine(gen_model)
+    rr_model, rr_tokenizer = build_reranker(config, records)
+    trainable = [p for p in rr_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
+
+    collate = Collator(config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=config.seed)
+    schedule = MicroBatchSchedule(
+        len(records), config.train.micro_batch_size, strategy.world_size, strategy.rank, config.seed
+    )
+    accum = config.train.gradient_accumulation_steps
+
+    def export(target: Path) -> None:
+        export_reranker(reranker.module, rr_tokenizer, target, training_config=config.to_dict())
+
+    start_step, loss = 0, float("nan")
+    tag = strategy.latest_tag(ckpt_dir) if resume == "auto" else (None if resume == "none" else resume)
+    if tag is not None:
+        state = strategy.load_checkpoint(ckpt_dir, Path(tag).name)
+        start_step = int(state["step"])
+        if strategy.is_main:
+            print(f"resumed from {ckpt_dir / Path(tag).name} at step {start_step}", flush=True)
+    strategy.write_json(out_dir / "train_config.json", config.to_dict())
+
+    logger = MetricsLogger(out_dir, enabled=strategy.is_main)
+    bar = tqdm(total=config.train.max_steps, initial=start_step, disable=not strategy.is_main, desc="train")
+    reranker.train()
+    for step in range(start_step, config.train.max_steps):
+        started = time.perf_counter()
+        losses, max_masks = [], []
+        for micro in range(accum):
+            micro_step = step * accum + micro
+            # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
+            torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
+            noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
+            ids = schedule.indices(micro_step)
+            batch = collate([records[i] for i in ids], ids, epoch=schedule.epoch_of(micro_step)).to(strategy.device)
+            out = training_step(strategy, reranker, generator, batch, config, noise)
+            losses.append(out.loss.detach())
+            max_masks.append(out.mean_max_mask)
+        elapsed = time.perf_counter() - started
+        done = step + 1
+        bar.update(1)
+        if done % config.train.log_every == 0 or done == config.train.max_steps:
+            loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
+            max_mask = strategy.all_reduce_mean(torch.stack(max_masks).mean()).item()
+            queries = config.train.micro_batch_size * accum * strategy.world_size
+            logger.log(
+                done,
+                {
+                    "loss": loss,
+                    "lr": strategy.learning_rate(),
+                    "grad_norm": strategy.grad_norm(),
+                    "mean_max_mask": max_mask,
+                    "queries_per_s": queries / elapsed,
+                    "step_time_s": elapsed,
+                },
+            )
+            bar.set_postfix(loss=f"{loss:.4f}", max_mask=f"{max_mask:.3f}")
+        if (config.train.save_every and done % config.train.save_every == 0) or done == config.train.max_steps:
+            strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
+    bar.close()
+    logger.close()
+
+    final = out_dir / "reranker"
+    if strategy.is_main:
+        export(final)
+        print(f"exported reranker to {final}", flush=True)
+    strategy.barrier()
+    return TrainResult(final, strategy, reranker.module, generator, loss)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: continue from OUTPUT/checkpoints/latest if present; none: start fresh; "
+        "or a checkpoint tag such as step_200",
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides as dotted key=value, e.g. relax.k=3 train.lr=1e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    train(config, resume=args.resume, local_rank=args.local_rank)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="python -m grerank_dist.train", description=__doc__)
+    configure_parser(_parser)
+    sys.exit(run(_parser.parse_args()))
