@@ -90,6 +90,9 @@ class OptimConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
+    # End this invocation after this global step (a checkpoint is written there), e.g. to split
+    # a run over time-limited jobs; `--resume auto` continues it. 0: run to max_steps.
+    stop_at_step: int = 0
 
 
 @dataclass
@@ -269,6 +272,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         ("train.log_every", t.log_every, 1),
         ("train.save_every", t.save_every, 0),
         ("train.keep_last", t.keep_last, 1),
+        ("train.stop_at_step", t.stop_at_step, 0),
         ("train.warmup_steps", t.warmup_steps, 0),
         ("data.doc_max_tokens", d.doc_max_tokens, 1),
         ("data.num_proc", d.num_proc, 1),

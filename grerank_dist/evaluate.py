@@ -3,12 +3,23 @@
     grerank eval --config FILE --reranker DIR [--reranker NAME=DIR ...] [--data FILE]
                  [--setting reranker|generator|mining] [--k 5 --k 10] [--out DIR]
 
-Each method ranks the n candidates of every query: the given rerankers by their scores, and in
-the same run the retriever's own order and, where gold labels exist, the oracle. Retrieval
-metrics (Recall@k, NDCG@k, MRR, indirect recall) come from those rankings; in the generator
-setting the frozen generator answers from each method's top-k documents (a hard 0/-inf
-log-mask, greedy decoding) and EM, SubEM and F1 are added. Queries are sharded over ranks and
-gathered before averaging, so a distributed run gives exactly the single-process numbers.
+Each method ranks the candidates of every query: the given rerankers by their scores, and in
+the same run the retriever's own order and the oracle (gold-relevant candidates first).
+Retrieval metrics (Recall@k, NDCG@k, MRR, indirect recall) come from those rankings; in the
+generator setting the frozen generator also answers from each method's top ``relax.k``
+documents (a hard 0/-inf log-mask, greedy decoding) and EM, SubEM and F1 are added. The mining
+setting is the reranker setting on the training queries.
+
+Queries are sharded over ranks and the per-query results gathered before averaging, so a
+distributed run averages exactly the queries a single process would. Each query's numbers are
+computed in a batch with others; with the same ``--batch-size`` and inputs that pad to the same
+widths they are bit-identical to a single-process run, otherwise they may differ by float
+rounding only.
+
+Outputs in ``--out``: ``metrics.json`` (flat metric keys per method, plus the run's throughput),
+``predictions.jsonl`` (per query and method: ranked candidate ids, reranker scores, the
+generated answer, per-query metrics) and ``metrics.md`` (a markdown table in the paper's
+column order).
 """
 
 from __future__ import annotations
@@ -26,9 +37,10 @@ import torch
 from tqdm.auto import tqdm
 
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import Collator, read_records, reranker_pairs
-from grerank_dist.metrics import aggregate_metrics, gold_labels, metrics_table_markdown, rank_by_scores
-from grerank_dist.metrics import answer_query_metrics, retrieval_query_metrics
+from grerank_dist.data import Batch, Collator, read_records, reranker_pairs
+from grerank_dist.generator import EncodedContexts, ParallelContextGenerator
+from grerank_dist.metrics import aggregate_metrics, answer_query_metrics, gold_labels, metrics_table_markdown
+from grerank_dist.metrics import rank_by_scores, retrieval_query_metrics
 from grerank_dist.models import RANDOM_PREFIX, load_generator
 from grerank_dist.reranker import load_reranker, reranker_scores
 from grerank_dist.strategy import DeepSpeedStrategy
@@ -40,8 +52,54 @@ RETRIEVER, ORACLE = "retriever", "oracle"
 @dataclass
 class EvalResult:
     metrics: dict[str, dict[str, Any]]  # method -> flat metric keys
+    queries_per_s: float
     table: str
     out_dir: Path
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+def shard_batches(num_records: int, rank: int, world_size: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """This rank's batches, each (record indices, how many of them are real).
+
+    Rank r takes records r, r+W, r+2W, ...; every rank gets the same number of batches of
+    exactly ``batch_size`` records, a short shard being filled up with copies of its last record
+    (record 0 for an empty shard), because ZeRO-3 generation needs every rank to make the same
+    generator calls. Fillers are computed and dropped.
+    """
+    mine = list(range(rank, num_records, world_size))
+    filler = mine[-1] if mine else 0
+    n_batches = math.ceil(math.ceil(num_records / world_size) / batch_size)
+    batches = []
+    for start in range(0, n_batches * batch_size, batch_size):
+        real = mine[start : start + batch_size]
+        batches.append((real + [filler] * (batch_size - len(real)), len(real)))
+    return batches
+
+
+def candidate_scores(
+    model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig, device: torch.device
+) -> torch.Tensor:
+    """Reranker scores [B, n] on the CPU, -inf for padding candidates."""
+    inputs, valid = reranker_pairs(records, tokenizer, config.data, config.reranker.max_length)
+    scores = reranker_scores(model, {key: value.to(device) for key, value in inputs.items()}, config.data.n_candidates)
+    return scores.cpu().masked_fill(~valid, -math.inf)
+
+
+def method_rankings(
+    method: str, records: list[dict[str, Any]], relevance: list[list[bool]], scores: torch.Tensor | None = None
+) -> list[list[int]]:
+    """Each record's real candidates, best first: by ``scores`` for a reranker, in file order for
+    the retriever, gold-relevant ones first (then file order) for the oracle."""
+    if method == RETRIEVER:
+        return [list(range(len(record["ctxs"]))) for record in records]
+    if method == ORACLE:
+        return [rank_by_scores([float(flag) for flag in labels]) for labels in relevance]
+    return [rank_by_scores(scores[row, : len(record["ctxs"])]) for row, record in enumerate(records)]
+
+
+# --------------------------------------------------------------------------- generation
 
 
 def topk_log_mask(rankings: list[list[int]], k: int, n: int) -> torch.Tensor:
@@ -50,6 +108,27 @@ def topk_log_mask(rankings: list[list[int]], k: int, n: int) -> torch.Tensor:
     for row, ranking in enumerate(rankings):
         mask[row, ranking[:k]] = 0.0
     return mask
+
+
+def generate_topk(
+    generator: ParallelContextGenerator,
+    contexts: EncodedContexts,
+    batch: Batch,
+    rankings: list[list[int]],
+    k: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+) -> torch.Tensor:
+    """Greedy answer tokens [B, T] given only each query's top-k candidates of ``rankings``.
+
+    The other candidates stay encoded but get log-mask -inf, which removes them exactly (paper
+    Eq. 3-4): the answer is the one the generator gives with the k documents alone.
+    """
+    log_mask = topk_log_mask(rankings, k, contexts.num_docs).to(batch.prompt_ids.device)
+    return generator.generate(
+        contexts, batch.prompt_ids, batch.prompt_attention_mask, log_mask,
+        max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+    )
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -64,20 +143,48 @@ def clean_prediction(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def _method_rankings(
-    method: str, scores: torch.Tensor | None, records: list[dict[str, Any]], n: int
-) -> list[list[int]]:
-    rankings = []
-    for row, record in enumerate(records):
-        count = min(len(record["ctxs"]), n)
-        if method == RETRIEVER:
-            rankings.append(list(range(count)))
-        elif method == ORACLE:
-            relevant, _ = gold_labels(record)
-            rankings.append(rank_by_scores([float(r) for r in relevant[:count]]))
-        else:
-            rankings.append(rank_by_scores(scores[row, :count]))
-    return rankings
+@dataclass
+class TopKAnswerer:
+    """The generator setting: the frozen generator answers from each method's top-k documents."""
+
+    generator: ParallelContextGenerator
+    tokenizer: Any
+    collator: Collator
+    k: int
+    max_new_tokens: int
+    stop_ids: list[int]
+    device: torch.device
+
+    def __call__(
+        self, records: list[dict[str, Any]], record_ids: list[int], rankings: dict[str, list[list[int]]]
+    ) -> dict[str, list[str]]:
+        """method -> one answer per record. The documents are encoded once for all methods."""
+        batch = self.collator(records, record_ids).to(self.device)
+        contexts = self.generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+        answers = {}
+        for method, ranked in rankings.items():
+            tokens = generate_topk(self.generator, contexts, batch, ranked, self.k, self.max_new_tokens, self.stop_ids)
+            answers[method] = [clean_prediction(t) for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return answers
+
+
+def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnswerer:
+    """Load the generator checkpoint into its (ZeRO-3 or replicated) engine."""
+    if config.generator.path.startswith(RANDOM_PREFIX):
+        raise ValueError(
+            f"generator.path {config.generator.path!r}: the generator setting needs a generator checkpoint "
+            "directory (a random generator's answers mean nothing)"
+        )
+    model, tokenizer = load_generator(config.generator.path, seed=config.generator.seed)
+    model.config.cross_attn_backend = config.generator.attention_backend
+    generator = strategy.build_generator_engine(model)
+    collator = Collator(config.data, tokenizer, None, config.reranker.max_length)
+    return TopKAnswerer(
+        generator, tokenizer, collator, config.relax.k, config.generator.max_new_tokens, stop_token_ids(tokenizer), strategy.device
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
 
 
 def evaluate(
@@ -90,120 +197,127 @@ def evaluate(
     batch_size: int | None = None,
     strategy: DeepSpeedStrategy | None = None,
 ) -> EvalResult:
-    """Score ``data_file`` with each reranker and the reference rankings; write the outputs."""
+    """Rank (and in the generator setting answer) every query of ``data_file`` with each
+    reranker, the retriever and the oracle; write the outputs on rank 0."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    ks = tuple(sorted(set(ks)))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"every cut-off k must be >= 1, got {ks}")
+    bsz = batch_size or config.train.micro_batch_size
+    if bsz < 1:
+        raise ValueError(f"batch size must be >= 1, got {bsz}")
     strategy = strategy or DeepSpeedStrategy(config)
-    n, k_gen = config.data.n_candidates, config.relax.k
-    records, report = read_records(data_file, n, config.data.skip_bad_records)
+    records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records)
     if strategy.is_main:
         print(report.summary(), flush=True)
 
     models = {name: load_reranker(path) for name, path in rerankers.items()}
     for model, _ in models.values():
         model.to(strategy.device).eval()
-    has_gold = all(any(c.get(f) is not None for c in r["ctxs"] for f in ("has_answer", "is_supporting")) for r in records)
-    methods = list(models) + [RETRIEVER] + ([ORACLE] if has_gold else [])
+    methods = [*models, RETRIEVER, ORACLE]
+    answerer = build_answerer(config, strategy) if setting == "generator" else None
 
-    generate = setting == "generator"
-    gen_model, gen_tokenizer = None, None
-    if generate:
-        if config.generator.path.startswith(RANDOM_PREFIX):
-            raise ValueError(
-                f"generator.path {config.generator.path!r}: the generator setting needs a generator checkpoint "
-                "directory (a random generator's answers mean nothing)"
-            )
-        gen_model, gen_tokenizer = load_generator(config.generator.path, seed=config.generator.seed)
-        gen_model.config.cross_attn_backend = config.generator.attention_backend
-        gen_model = strategy.build_generator_engine(gen_model)
-        stops = stop_token_ids(gen_tokenizer)
-    gen_collator = Collator(config.data, gen_tokenizer, None, config.reranker.max_length) if generate else None
-
-    # Shard: rank r takes records r, r+W, ...; every rank runs the same number of batches
-    # (ZeRO-3 generation needs lock step), a short shard repeating its last record as filler.
-    bsz = batch_size or config.train.micro_batch_size
-    mine = list(range(strategy.rank, len(records), strategy.world_size))
-    per_rank = math.ceil(len(records) / strategy.world_size)
-    n_batches = math.ceil(per_rank / bsz)
     started = time.perf_counter()
     per_query: list[dict[str, Any]] = []
-    bar = tqdm(total=n_batches, disable=not strategy.is_main, desc=f"eval ({setting})")
-    for b in range(n_batches):
-        ids = mine[b * bsz : (b + 1) * bsz]
-        real = len(ids)
-        ids = ids + [mine[-1] if mine else 0] * (bsz - real) if real < bsz else ids
+    batches = shard_batches(len(records), strategy.rank, strategy.world_size, bsz)
+    for ids, real in tqdm(batches, disable=not strategy.is_main, desc=f"eval ({setting})"):
         batch_records = [records[i] for i in ids]
-        rankings, scores_of = {}, {}
+        labels = [gold_labels(record) for record in batch_records]
         with torch.no_grad():
-            for name, (model, tokenizer) in models.items():
-                inputs, valid = reranker_pairs(batch_records, tokenizer, config.data, config.reranker.max_length)
-                inputs = {key: value.to(strategy.device) for key, value in inputs.items()}
-                scores_of[name] = reranker_scores(model, inputs, n).cpu().masked_fill(~valid, -math.inf)
-                rankings[name] = _method_rankings(name, scores_of[name], batch_records, n)
-            for name in (RETRIEVER, ORACLE):
-                if name in methods:
-                    rankings[name] = _method_rankings(name, None, batch_records, n)
-            predictions: dict[str, list[str]] = {}
-            if generate:
-                gb = gen_collator(batch_records, ids).to(strategy.device)
-                contexts = gen_model.encode_contexts(gb.encoder_input_ids, gb.encoder_attention_mask)
-                for name in methods:
-                    log_mask = topk_log_mask(rankings[name], k_gen, n).to(strategy.device)
-                    out = gen_model.generate(
-                        contexts, gb.prompt_ids, gb.prompt_attention_mask, log_mask,
-                        max_new_tokens=config.generator.max_new_tokens, stop_token_ids=stops,
-                    )
-                    predictions[name] = [clean_prediction(t) for t in gen_tokenizer.batch_decode(out, skip_special_tokens=True)]
+            scores = {
+                name: candidate_scores(model, tokenizer, batch_records, config, strategy.device)
+                for name, (model, tokenizer) in models.items()
+            }
+            rankings = {
+                name: method_rankings(name, batch_records, [rel for rel, _ in labels], scores.get(name))
+                for name in methods
+            }
+            answers = answerer(batch_records, ids, rankings) if answerer is not None else {}
         for row in range(real):
-            record = batch_records[row]
-            relevant, indirect = gold_labels(record)
-            entry: dict[str, Any] = {"index": ids[row], "id": record["id"], "type": record["type"] or None, "methods": {}}
-            for name in methods:
-                ranking = rankings[name][row]
-                metrics = retrieval_query_metrics(ranking, relevant, ks, indirect)
-                result = {"ranking": [record["ctxs"][i]["id"] for i in ranking], "metrics": metrics}
-                if name in scores_of:
-                    result["scores"] = [round(float(s), 6) for s in scores_of[name][row, : len(record["ctxs"])]]
-                if generate:
-                    result["prediction"] = predictions[name][row]
-                    metrics.update(answer_query_metrics(predictions[name][row], record["answers"]))
-                entry["methods"][name] = result
-            per_query.append(entry)
-        bar.update(1)
-    bar.close()
-    if generate:
+            per_query.append(_query_entry(ids[row], batch_records[row], labels[row], row, ks, scores, rankings, answers))
+    if answerer is not None:
         strategy.release_generator_params()
 
-    gathered = [q for part in strategy.all_gather_object(per_query) for q in part]
-    gathered.sort(key=lambda q: q["index"])
+    gathered = sorted((q for part in strategy.all_gather_object(per_query) for q in part), key=lambda q: q["index"])
     elapsed = time.perf_counter() - started
+    queries_per_s = len(gathered) / elapsed
     metrics = {
         name: aggregate_metrics({"type": q["type"], **q["methods"][name]["metrics"]} for q in gathered)
         for name in methods
     }
-    for name in methods:
-        metrics[name]["queries_per_s"] = len(gathered) / elapsed
-    columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-    if any("indirect_mrr" in m for m in metrics.values()):
-        columns += [f"indirect_recall@{k}" for k in ks]
-    if generate:
-        columns += ["em", "subem", "f1"]
-    table = metrics_table_markdown(metrics, columns)
+    table = metrics_table_markdown(metrics, table_columns(ks, metrics, answerer is not None))
     if strategy.is_main:
+        summary = {
+            "setting": setting,
+            "data": str(data_file),
+            "n_queries": len(gathered),
+            "world_size": strategy.world_size,
+            "seconds": elapsed,
+            "queries_per_s": queries_per_s,
+            "methods": metrics,
+        }
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "metrics.json", json.dumps({"setting": setting, "data": str(data_file), "methods": metrics}, indent=2))
+        _atomic_write(out_dir / "metrics.json", json.dumps(summary, indent=2))
         _atomic_write(out_dir / "predictions.jsonl", "".join(json.dumps(q) + "\n" for q in gathered))
         _atomic_write(out_dir / "metrics.md", table)
         print(table, flush=True)
-        print(f"{len(gathered)} queries in {elapsed:.1f}s ({len(gathered) / elapsed:.1f} queries/s)", flush=True)
+        print(f"{len(gathered)} queries in {elapsed:.1f}s ({queries_per_s:.1f} queries/s); wrote {out_dir}", flush=True)
     strategy.barrier()
-    return EvalResult(metrics, table, out_dir)
+    return EvalResult(metrics, queries_per_s, table, out_dir)
+
+
+def _query_entry(
+    index: int,
+    record: dict[str, Any],
+    labels: tuple[list[bool], list[bool] | None],
+    row: int,
+    ks: tuple[int, ...],
+    scores: dict[str, torch.Tensor],
+    rankings: dict[str, list[list[int]]],
+    answers: dict[str, list[str]],
+) -> dict[str, Any]:
+    """One line of predictions.jsonl: per method the ranked ids, scores, answer and metrics."""
+    relevant, indirect = labels
+    entry: dict[str, Any] = {
+        "index": index,
+        "id": record["id"],
+        "type": record["type"] or None,
+        "question": record["question"],
+        "answers": record["answers"],
+        "methods": {},
+    }
+    for name, ranked in rankings.items():
+        ranking = ranked[row]
+        result: dict[str, Any] = {"ranking": [record["ctxs"][i]["id"] for i in ranking]}
+        if name in scores:
+            result["scores"] = scores[name][row, : len(record["ctxs"])].tolist()
+        result["metrics"] = retrieval_query_metrics(ranking, relevant, ks, indirect)
+        if name in answers:
+            result["prediction"] = answers[name][row]
+            result["metrics"].update(answer_query_metrics(answers[name][row], record["answers"]))
+        entry["methods"][name] = result
+    return entry
+
+
+def table_columns(ks: tuple[int, ...], metrics: dict[str, dict[str, Any]], with_answers: bool) -> list[str]:
+    """The paper's column order: Table 1 (Recall@k, NDCG@k, MRR, EM, SubEM, F1), then Table 2's
+    indirect Recall@k, MRR, NDCG@k where the data has indirectly relevant documents."""
+    columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    if with_answers:
+        columns += ["em", "subem", "f1"]
+    if any("indirect_mrr" in m for m in metrics.values()):
+        columns += [f"indirect_recall@{k}" for k in ks] + ["indirect_mrr"] + [f"indirect_ndcg@{k}" for k in ks]
+    return columns
 
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- command line
 
 
 def parse_rerankers(values: list[str]) -> dict[str, str]:

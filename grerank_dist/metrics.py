@@ -16,7 +16,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ Relevance = set[int] | frozenset[int] | Sequence[bool] | Sequence[int] | np.ndar
 boolean / 0-1 label per candidate (list, tuple, numpy array). A ``set`` is always read as
 indices and any other sequence as labels, so ``[0, 1]`` means "candidate 1 is relevant"."""
 
-_PUNCTUATION = frozenset(string.punctuation)
+_DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 # Column orders of the paper's tables (keys as produced here, optionally prefixed by setting).
@@ -54,8 +54,7 @@ _DISPLAY_NAMES = {
 
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower case, drop ASCII punctuation and articles, collapse spaces."""
-    lowered = text.lower()
-    without_punctuation = "".join(ch for ch in lowered if ch not in _PUNCTUATION)
+    without_punctuation = text.lower().translate(_DROP_PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", without_punctuation).split())
 
 
@@ -106,12 +105,18 @@ def has_answer(text: str, answers: Sequence[str]) -> bool:
     DPR's token-level check does, so that "yes" is not found in "yesterday". Answers that
     normalise to nothing never match.
     """
-    padded_text = f" {normalize_answer(text)} "
-    for answer in _gold_answers(answers):
-        gold = normalize_answer(answer)
-        if gold and f" {gold} " in padded_text:
-            return True
-    return False
+    return answer_finder(answers)(text)
+
+
+def answer_finder(answers: Sequence[str]) -> Callable[[str], bool]:
+    """:func:`has_answer` for one question's answers, normalised once for many passages."""
+    golds = [f" {gold} " for gold in map(normalize_answer, _gold_answers(answers)) if gold]
+
+    def contains_answer(text: str) -> bool:
+        padded_text = f" {normalize_answer(text)} "
+        return any(gold in padded_text for gold in golds)
+
+    return contains_answer
 
 
 def answer_query_metrics(prediction: str, answers: Sequence[str]) -> dict[str, float]:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from grerank_dist.metrics import has_answer, normalize_answer
+from grerank_dist.metrics import answer_finder, has_answer, normalize_answer
 
 _READ_CHUNK = 1 << 20
 _MAX_RECORD_CHARS = 256 << 20  # a pending array element larger than this is treated as broken JSON
@@ -465,27 +465,23 @@ def _parse_musique(raw: Any, where: Location, n: int, report: ConversionReport) 
 
 
 def _sample_padding(
-    pool: list[tuple[int, int]],
-    questions: list[_MultiHopQuestion],
-    own: int,
-    count: int,
-    rng: random.Random,
+    pool: list[tuple[int, int, str]], own: int, own_titles: set[str], count: int, rng: random.Random
 ) -> list[tuple[int, int]]:
     """``count`` distinct pool paragraphs of other questions with titles new to this question.
 
-    Rejection sampling keeps this O(count) per question on a pool of a million paragraphs; a
-    small pool (tests, tiny files) falls back to a full scan.
+    ``pool`` holds (question, paragraph, case-folded title). Rejection sampling keeps this
+    O(count) per question on a pool of a million paragraphs; a small pool (tests, tiny files)
+    falls back to a full scan.
     """
-    taken_titles = {title.casefold() for title, _, _ in questions[own].paragraphs}
+    taken_titles = set(own_titles)
     picked: list[tuple[int, int]] = []
     tried: set[int] = set()
 
     def take(slot: int) -> None:
         tried.add(slot)
-        question, paragraph = pool[slot]
-        title = questions[question].paragraphs[paragraph][0].casefold()
+        question, paragraph, title = pool[slot]
         if question != own and title not in taken_titles:
-            picked.append(pool[slot])
+            picked.append((question, paragraph))
             taken_titles.add(title)
 
     for _ in range(20 * count + 100):
@@ -508,7 +504,11 @@ def _assemble_multihop(
 ) -> Iterator[dict[str, Any]]:
     """Bring every question to ``n`` candidates (trim or pad), shuffle, label has_answer."""
     questions = list(parsed)  # padding draws from the whole file
-    pool = [(q, p) for q, question in enumerate(questions) for p in range(len(question.paragraphs))]
+    pool = [
+        (q, p, title.casefold())
+        for q, question in enumerate(questions)
+        for p, (title, _, _) in enumerate(question.paragraphs)
+    ]
     for position, question in enumerate(questions):
         supporting = [p for p, (_, _, gold) in enumerate(question.paragraphs) if gold]
         if len(supporting) > n:
@@ -521,11 +521,13 @@ def _assemble_multihop(
             report.adjustments[f"paragraphs trimmed to {n}"] += 1
         picks = [(position, p) for p in chosen]
         if len(picks) < n:
-            picks += _sample_padding(pool, questions, position, n - len(picks), rng)
+            own_titles = {title.casefold() for title, _, _ in question.paragraphs}
+            picks += _sample_padding(pool, position, own_titles, n - len(picks), rng)
             report.adjustments["padded with paragraphs of other questions"] += 1
             if len(picks) < n:
                 report.adjustments[f"fewer than {n} candidates (too few paragraphs to pad from)"] += 1
         rng.shuffle(picks)
+        contains_answer = answer_finder(question.answers)
         ctxs = []
         for source, p in picks:
             title, text, gold = questions[source].paragraphs[p]
@@ -534,7 +536,7 @@ def _assemble_multihop(
                     "id": f"{questions[source].id}/{p}",
                     "title": title,
                     "text": text,
-                    "has_answer": has_answer(text, question.answers),
+                    "has_answer": contains_answer(text),
                     "is_supporting": gold and source == position,
                 }
             )

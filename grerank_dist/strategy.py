@@ -98,6 +98,12 @@ class DeepSpeedStrategy:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out / self.world_size
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank (keeps ranks in lock step)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, obj)

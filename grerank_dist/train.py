@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,23 @@ from grerank_dist.relax import noise_generator
 from grerank_dist.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
 from grerank_dist.strategy import DeepSpeedStrategy
 from grerank_dist.tracking import MetricsLogger
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGUSR1 instead of dying mid-step, so the loop can checkpoint first."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def record_texts(records: list[dict[str, Any]], config: TrainConfig) -> list[str]:
@@ -145,7 +163,10 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     logger = MetricsLogger(out_dir, enabled=strategy.is_main)
     bar = tqdm(total=config.train.max_steps, initial=start_step, disable=not strategy.is_main, desc="train")
     reranker.train()
-    for step in range(start_step, config.train.max_steps):
+    # A preempted job (SIGTERM, or Slurm's SIGUSR1 warning) finishes its step, checkpoints, exits.
+    stop_signal = StopSignal()
+    last_step = min(config.train.stop_at_step or config.train.max_steps, config.train.max_steps)
+    for step in range(start_step, last_step):
         started = time.perf_counter()
         losses, max_masks = [], []
         for micro in range(accum):
@@ -161,7 +182,8 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
         elapsed = time.perf_counter() - started
         done = step + 1
         bar.update(1)
-        if done % config.train.log_every == 0 or done == config.train.max_steps:
+        stopping = done == last_step or strategy.any_rank(stop_signal.received)
+        if done % config.train.log_every == 0 or stopping:
             loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
             max_mask = strategy.all_reduce_mean(torch.stack(max_masks).mean()).item()
             queries = config.train.micro_batch_size * accum * strategy.world_size
@@ -177,8 +199,11 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
                 },
             )
             bar.set_postfix(loss=f"{loss:.4f}", max_mask=f"{max_mask:.3f}")
-        if (config.train.save_every and done % config.train.save_every == 0) or done == config.train.max_steps:
+        if (config.train.save_every and done % config.train.save_every == 0) or stopping:
             strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
+        if stopping:
+            break
+    stop_signal.restore()
     bar.close()
     logger.close()
 

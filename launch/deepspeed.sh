@@ -46,7 +46,7 @@ Examples:
   launch/deepspeed.sh --num-gpus 2 -- --config configs/tiny_cpu.yaml
   # every host of a hostfile, 8 GPUs each
   launch/deepspeed.sh --hostfile launch/hostfile.example --num-gpus 8 -- \\
-      --config configs/cepe_nq.yaml --resume auto
+      --config configs/cepe7b_nq.yaml --resume auto
 EOF
 }
 

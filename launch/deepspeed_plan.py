@@ -10,7 +10,7 @@ Usage:
     python launch/deepspeed_plan.py RUNNER_ARGS...
 
 prints "MASTER_HOST MAX_SLOTS NUM_NODES" on its first line, then one block per node: a comment
-with the node's hosts, devices and global ranks, and the launch command DeepSpeed starts there.
+with the node's host, devices and global ranks, and the launch command DeepSpeed starts there.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def runs_locally(args: argparse.Namespace, resources: dict[str, list[int]]) -> b
 
 
 def master_host(args: argparse.Namespace, resources: dict[str, list[int]]) -> str:
+    """The address rank 0 listens on: the one given, else the first host in use."""
     if not runner.fetch_hostfile(args.hostfile):
         return LOCAL_MASTER_ADDR  # DeepSpeed forces this address for hostfile-less runs
     return args.master_addr or next(iter(resources))

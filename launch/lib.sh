@@ -46,9 +46,11 @@ wants_help() {
   return 1
 }
 
-# need_value "$@": the option in $1 must be followed by a value.
+# need_value "$@": the option in $1 must be followed by a value (not by the next option).
 need_value() {
-  (($# >= 2)) || launch_die "option $1 needs a value"
+  if (($# < 2)) || [[ $2 == --* ]]; then
+    launch_die "option $1 needs a value"
+  fi
 }
 
 require_int() { # require_int NAME VALUE MIN
@@ -209,8 +211,9 @@ parse_torchrun_options() {
   elif ((TR_NNODES > 1)); then
     launch_die "--rdzv-endpoint HOST:PORT is required with --nnodes $TR_NNODES"
   fi
-  ((10#$TR_NODE_RANK < 10#$TR_NNODES)) ||
+  if [[ $TR_BACKEND == static ]] && ((10#$TR_NODE_RANK >= 10#$TR_NNODES)); then
     launch_die "--node-rank $TR_NODE_RANK is out of range for --nnodes $TR_NNODES"
+  fi
   TR_OMP_THREADS=$(omp_threads_per_process "$TR_CPUS" "$TR_NPROC")
 }
 

@@ -30,7 +30,7 @@ Examples:
   launch/torchrun.sh --nproc-per-node 2 -- --config configs/tiny_cpu.yaml
   # node 0 of 2, 8 GPUs each (run the same line on the other node)
   launch/torchrun.sh --nnodes 2 --nproc-per-node 8 --rdzv-endpoint node0:29500 \\
-      --rdzv-id run1 -- --config configs/cepe_nq.yaml --resume auto
+      --rdzv-id run1 -- --config configs/cepe7b_nq.yaml --resume auto
 EOF
 }
 

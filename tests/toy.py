@@ -1,8 +1,8 @@
 """A toy retrieval task for trainer tests: exactly one candidate holds the answer.
 
 Question "what is the code of KEY ?"; the gold candidate says "KEY has code VAL"; the others
-name other keys with other codes. A reader that copies the code of the matching key needs that
-one candidate, so a reranker that learns to pick it lowers the generator's loss.
+name other keys and hold no code. A reader that copies the one code it sees needs that
+candidate, so a reranker that learns to pick it lowers the generator's loss.
 """
 
 import json
@@ -18,7 +18,8 @@ def toy_records(n_queries: int, n_candidates: int = 6, seed: int = 0, n_keys: in
         chosen = rng.sample(keys, n_candidates)
         values = rng.sample(codes, n_candidates)
         ctxs = [
-            {"id": f"{q}-{i}", "title": key, "text": f"{key} has code {val}", "has_answer": i == 0}
+            {"id": f"{q}-{i}", "title": key, "text": f"{key} has code {val}" if i == 0 else f"{key} has no code",
+             "has_answer": i == 0}
             for i, (key, val) in enumerate(zip(chosen, values))
         ]
         gold = ctxs[0]
@@ -33,3 +34,34 @@ def write_jsonl(path, records) -> str:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     return str(path)
+
+
+def train_toy_reader(records: list[dict], out_dir, steps: int = 150, seed: int = 0) -> str:
+    """A tiny CEPE reader trained (all candidates visible) to copy the matching key's code, saved
+    with its tokenizer: the frozen generator of the trainer tests."""
+    import torch
+
+    from grerank_dist.config import load_config
+    from grerank_dist.data import Collator
+    from grerank_dist.models import load_generator
+    from grerank_dist.train import record_texts
+
+    config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=16", "data.answer_eos=true",
+                                "data.doc_template='{title} : {text}'", "data.prompt_template='question : {question} answer :'"])
+    model, tokenizer = load_generator("random:tiny", record_texts(records, config), seed=seed)
+    model.requires_grad_(True).train()
+    collate = Collator(config.data, tokenizer, None, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        ids = rng.sample(range(len(records)), 16)
+        batch = collate([records[i] for i in ids], ids)
+        loss = model(batch.input_ids, batch.attention_mask, batch.labels,
+                     encoder_input_ids=batch.encoder_input_ids, encoder_attention_mask=batch.encoder_attention_mask).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.requires_grad_(False).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)

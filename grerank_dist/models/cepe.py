@@ -18,8 +18,8 @@ Only standard ``nn.Linear`` / ``nn.Embedding`` / RMSNorm modules hold parameters
 submodule is called through ``__call__``, so the model can be built and run partitioned under
 DeepSpeed ZeRO-3 (``HfDeepSpeedConfig`` + ``from_pretrained`` / ``from_config``).
 """
-
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: @strict validates CepeConfig's fields from their
+# annotations, which must stay real types rather than strings.
 
 import json
 import os
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -69,15 +71,15 @@ BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
 # model_type of the released config.json ("llama") and of the configs this module writes.
 _ACCEPTED_MODEL_TYPES = ("llama", "cepe_llama")
-_SUPPORTED_SELF_ATTENTION = ("sdpa", "eager")  # both honour our explicit additive masks
 _MAX_KEYS_IN_ERROR = 12
 
 
+@strict
 class CepeConfig(LlamaConfig):
     """Config of :class:`CepeForCausalContextLM`: the decoder's Llama fields plus CEPE's keys.
 
     The CEPE keys keep the names (and the meaning) of the released ``config.json`` so that it
-    loads as is. Keys that only mattered for training CEPE itself (``train_encoder``,
+    loads as is; field types are enforced (``@strict``), errors name the field. Keys that only mattered for training CEPE itself (``train_encoder``,
     ``train_batch_mode``, ``offload_hidden_states``, ``lm_loss_cof``, ``kl_loss_*``) are kept
     for round-trip and otherwise ignored. ``is_decoder`` is never read: the decoder is always
     causal (the public code silently turns a decoder with ``is_decoder: false`` bidirectional).
@@ -100,8 +102,8 @@ class CepeConfig(LlamaConfig):
     encode_mode: str = "context_only"
     train_batch_mode: str = "none"
     offload_hidden_states: bool = False
-    lm_loss_cof: float = 1.0
-    kl_loss_cof: float = 1.0
+    lm_loss_cof: int | float = 1.0
+    kl_loss_cof: int | float = 1.0
     kl_loss_mode: str = "smooth"
     cross_attn_backend: str = "auto"
 
@@ -111,10 +113,10 @@ class CepeConfig(LlamaConfig):
             self.num_cross_attn_layers = self.num_hidden_layers
         if self.encoder_hidden_size is None and isinstance(self.encoder_config, dict):
             self.encoder_hidden_size = self.encoder_config.get("hidden_size")
-        self._check_cepe_fields()
 
-    def _check_cepe_fields(self) -> None:
-        """Reject settings this implementation would otherwise silently get wrong."""
+    def validate_cepe_fields(self) -> None:
+        """Reject settings this implementation would otherwise silently get wrong (run by ``@strict``
+        after the field types are checked)."""
 
         def fail(field: str, message: str) -> None:
             raise ValueError(f"CepeConfig field '{field}': {message}")
@@ -139,8 +141,6 @@ class CepeConfig(LlamaConfig):
                  "must be false: the released layout has no bias tensors")
         if self.encoder_config is None:
             return
-        if not isinstance(self.encoder_config, dict):
-            fail("encoder_config", f"must be a JSON object (a Llama config), got {type(self.encoder_config).__name__}")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if not isinstance(self.encoder_config.get(key), int) or isinstance(self.encoder_config.get(key), bool):
                 fail(f"encoder_config.{key}", f"must be an integer, got {self.encoder_config.get(key)!r}")
@@ -190,8 +190,14 @@ def load_cepe_config(config_file: str | os.PathLike) -> CepeConfig:
     raw = {key: value for key, value in raw.items() if key != "model_type"}
     try:
         return CepeConfig.from_dict(raw)
-    except (ValueError, TypeError) as err:  # strict dataclass errors subclass ValueError/TypeError
+    except (ValueError, TypeError, StrictDataclassError) as err:  # StrictDataclassError names the field
         raise ValueError(f"{config_file}: {err}") from None
+
+
+def _make_config(decoder: dict[str, Any], encoder: dict[str, Any], overrides: dict[str, Any]) -> CepeConfig:
+    """Decoder fields + nested encoder config, each updated by ``overrides`` (``encoder_config`` merges)."""
+    encoder = {"model_type": "llama", **encoder, **overrides.pop("encoder_config", {})}
+    return CepeConfig(**{"do_cross_attention": True, **decoder, "encoder_config": encoder, **overrides})
 
 
 def tiny_cepe_config(vocab_size: int = 64, **overrides: Any) -> CepeConfig:
@@ -200,37 +206,17 @@ def tiny_cepe_config(vocab_size: int = 64, **overrides: Any) -> CepeConfig:
     The encoder has a different width and one more token than the decoder, as in the release,
     so shape bugs between the two cannot hide.
     """
-    encoder_config = {
-        "model_type": "llama",
-        "vocab_size": vocab_size + 1,
-        "hidden_size": 48,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6,
+    decoder = {
+        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "num_cross_attn_layers": 2,
+    }
+    encoder = {
+        "vocab_size": vocab_size + 1, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
         "pad_token_id": 0,
     }
-    encoder_config.update(overrides.pop("encoder_config", {}))
-    fields: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
-        "do_cross_attention": True,
-        "num_cross_attn_layers": 2,
-        "encoder_config": encoder_config,
-    }
-    fields.update(overrides)
-    return CepeConfig(**fields)
+    return _make_config(decoder, encoder, overrides)
 
 
 def cepe_7b_config(**overrides: Any) -> CepeConfig:
@@ -238,38 +224,17 @@ def cepe_7b_config(**overrides: Any) -> CepeConfig:
 
     For random-weight benchmarks of the real size, e.g. built on the meta device.
     """
-    encoder_config = {
-        "model_type": "llama",
-        "vocab_size": 32001,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-6,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+    decoder = {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "num_cross_attn_layers": 32,
     }
-    fields: dict[str, Any] = {
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": None,
-        "do_cross_attention": True,
-        "num_cross_attn_layers": 32,
-        "encoder_config": encoder_config,
+    encoder = {
+        "vocab_size": 32001, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
     }
-    fields.update(overrides)
-    return CepeConfig(**fields)
+    return _make_config(decoder, encoder, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +251,17 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _causal_padding_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """[R, 1, Q, K] additive mask: the last Q tokens attend causally to the non-padding tokens."""
+    """[R, 1, Q, K] additive mask: the last Q tokens attend causally to the non-padding tokens.
+
+    Every token also sees itself, so a padding position (no real key before it) reads only
+    itself and stays causal, instead of spreading over all keys, future ones included.
+    """
     key_len = attention_mask.shape[1]
     query_pos = torch.arange(key_len - query_len, key_len, device=attention_mask.device)
     key_pos = torch.arange(key_len, device=attention_mask.device)
     causal = key_pos[None, :] <= query_pos[:, None]
-    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    itself = key_pos[None, :] == query_pos[:, None]
+    allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself[None, None])
     return _additive_mask(allowed, dtype)
 
 
@@ -672,10 +642,11 @@ class CepeForCausalContextLM(PreTrainedModel):
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
-        """Reentrant checkpointing of every decoder layer.
+        """Reentrant checkpointing of every decoder layer (also reached by ``gradient_checkpointing_enable``).
 
         Unlike transformers' default, no hook makes the embeddings require grad (that hook
         keeps ZeRO-3 parameters gathered after backward); the log-mask already requires grad.
+        Reentrant checkpointing needs ``loss.backward()``: ``torch.autograd.grad`` is refused.
         """
         kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.pop("use_reentrant", True) is not True or kwargs or every_n_layers != 1 or offload:
@@ -691,7 +662,7 @@ class CepeForCausalContextLM(PreTrainedModel):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
-    ) -> CepeForCausalContextLM:
+    ) -> "CepeForCausalContextLM":
         """Load a LOCAL model directory (released or saved by :meth:`save_pretrained`), strictly.
 
         The config and every weight's name and shape are checked first (ValueError naming the
@@ -705,7 +676,6 @@ class CepeForCausalContextLM(PreTrainedModel):
         config = kwargs.pop("config", None) or load_cepe_config(model_dir / CONFIG_NAME)
         check_checkpoint_weights(model_dir, config)
         kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("use_safetensors", not _checkpoint_files(model_dir)[0][0].name.endswith(".bin"))
         model = super().from_pretrained(model_dir, *model_args, config=config, **kwargs)
         model.requires_grad_(False)
         return model

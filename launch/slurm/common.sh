@@ -30,7 +30,7 @@ Runs \`grerank $2 TRAINER_ARGS...\` on every node of the allocation: one torchru
 (srun --ntasks-per-node=1), $([[ $2 == train ]] && echo "resumed with --resume auto after a requeue, ")rendezvous on the first node.
 Override the #SBATCH defaults on the sbatch command line or with SBATCH_* variables, e.g.
   sbatch --nodes=4 --gpus-per-node=8 --partition=PART --time=2-00:00:00 \\
-      --output=logs/%x-%j.out launch/slurm/$1 --config configs/cepe_nq.yaml
+      --output=logs/%x-%j.out launch/slurm/$1 --config configs/cepe7b_nq.yaml
 Submit from the repository root, or export GRERANK_ROOT=/path/to/repository.
 
 --dry-run prints the srun command and the command every node runs, for the allocation
@@ -109,22 +109,29 @@ slurm_main() {
   run_srun_with_requeue "${srun_command[@]}"
 }
 
+stop_step() {
+  [[ -z $SRUN_PID ]] || kill -TERM "$SRUN_PID" 2>/dev/null || true
+}
+
 # Run srun in the background so the batch shell can take signals while it runs:
 #   SIGUSR1 (sent by `#SBATCH --signal=B:USR1@SECONDS` before the time limit): stop the step with
-#     SIGTERM (torchrun passes it to the trainer, which checkpoints), then requeue the job; the
-#     requeued run resumes with --resume auto.
+#     SIGTERM (torchrun passes it on to the trainer processes), then requeue the job; the
+#     requeued run continues from the last checkpoint with --resume auto.
 #   SIGTERM (preemption, scancel): stop the step the same way, without requeueing; Slurm requeues
 #     preempted --requeue jobs itself.
 run_srun_with_requeue() {
-  local requeue=0 status=0
+  local requeue=0 status
+  SRUN_PID=""
+  # Traps first: a signal that arrives while srun starts must not kill the batch shell.
+  trap 'requeue=1; stop_step' USR1
+  trap 'stop_step' TERM
   "$@" &
   SRUN_PID=$!
-  trap 'requeue=1; kill -TERM "$SRUN_PID" 2>/dev/null || true' USR1
-  trap 'kill -TERM "$SRUN_PID" 2>/dev/null || true' TERM
-  while true; do
-    wait "$SRUN_PID" && status=0 || status=$?
-    kill -0 "$SRUN_PID" 2>/dev/null || break # a trap interrupted wait: srun is still stopping
+  # wait returns early whenever a trap runs; bash keeps srun's exit status for the last wait.
+  while kill -0 "$SRUN_PID" 2>/dev/null; do
+    wait "$SRUN_PID" || true
   done
+  wait "$SRUN_PID" && status=0 || status=$?
   trap - USR1 TERM
   if ((requeue)); then
     echo "# time limit near: requeueing job $SLURM_JOB_ID (srun exited with $status)"
