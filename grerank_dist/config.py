@@ -156,6 +156,11 @@ def _check_type(value: Any, annotation: str, key: str) -> Any:
         expected = (dict,)
     if expected is None:
         return value
+    if annotation == "float" and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     wrong_bool = isinstance(value, bool) and bool not in expected
     if wrong_bool or not isinstance(value, expected):
         raise ConfigError(f"{key}: expected {annotation}, got {value!r}")

@@ -206,8 +206,8 @@ class Batch:
         return self.valid.shape[0]
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=1) or 1
+def _pad(rows: list[list[int]], value: int, left: bool, width: int | None = None) -> torch.Tensor:
+    width = width or max((len(r) for r in rows), default=1) or 1
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -222,7 +222,7 @@ class Collator:
     """Tokenises records for the reranker and the generator and pads them into a :class:`Batch`.
 
     Tokenisation follows the public CEPE evaluation by default: documents as
-    ``Document (Title: {title}): {text}`` without BOS, left-padded, truncated to
+    ``Document (Title: {title}): {text}`` without BOS, truncated and left-padded to
     ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
     the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
     answer has after "Answer:"). Reranker pairs are (question, passage) truncated like the usual
@@ -267,8 +267,12 @@ class Collator:
         # empty document; its log-mask is -inf, so the generator never attends to it.
         filler = self.gen_tok.eos_token_id if self.gen_tok.eos_token_id is not None else self.gen_pad
         doc_ids = [ids if ids else [filler] for ids in doc_ids]
-        enc = _pad(doc_ids, self.gen_pad, left=True)
-        enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True)
+        # Always doc_max_tokens wide: the encoder gives every document position ids 0..L-1
+        # whatever its padding (as the released CEPE does), so a width that followed the batch
+        # would move a document's tokens to other positions from batch to batch.
+        width = d.doc_max_tokens
+        enc = _pad(doc_ids, self.gen_pad, left=True, width=width)
+        enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True, width=width)
 
         bos = [self.gen_tok.bos_token_id] if self.gen_tok.bos_token_id is not None else []
         prompts = self._gen_ids([d.prompt_template.format(question=r["question"]) for r in records])

@@ -140,6 +140,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 def clean_prediction(text: str) -> str:
+    """The answer as CEPE's evaluation scores it: up to the first newline, stripped."""
     return text.split("\n", 1)[0].strip()
 
 
@@ -178,9 +179,14 @@ def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnsw
     model, tokenizer = load_generator(config.generator.path, seed=config.generator.seed)
     model.config.cross_attn_backend = config.generator.attention_backend
     generator = strategy.build_generator_engine(model)
-    collator = Collator(config.data, tokenizer, None, config.reranker.max_length)
     return TopKAnswerer(
-        generator, tokenizer, collator, config.relax.k, config.generator.max_new_tokens, stop_token_ids(tokenizer), strategy.device
+        generator=generator,
+        tokenizer=tokenizer,
+        collator=Collator(config.data, tokenizer, None, config.reranker.max_length),
+        k=config.relax.k,
+        max_new_tokens=config.generator.max_new_tokens,
+        stop_ids=stop_token_ids(tokenizer),
+        device=strategy.device,
     )
 
 
@@ -223,16 +229,14 @@ def evaluate(
     batches = shard_batches(len(records), strategy.rank, strategy.world_size, bsz)
     for ids, real in tqdm(batches, disable=not strategy.is_main, desc=f"eval ({setting})"):
         batch_records = [records[i] for i in ids]
-        labels = [gold_labels(record) for record in batch_records]
+        labels = [gold_labels(record) for record in batch_records]  # (relevant, indirect) flags
         with torch.no_grad():
             scores = {
                 name: candidate_scores(model, tokenizer, batch_records, config, strategy.device)
                 for name, (model, tokenizer) in models.items()
             }
-            rankings = {
-                name: method_rankings(name, batch_records, [rel for rel, _ in labels], scores.get(name))
-                for name in methods
-            }
+            relevance = [relevant for relevant, _ in labels]
+            rankings = {name: method_rankings(name, batch_records, relevance, scores.get(name)) for name in methods}
             answers = answerer(batch_records, ids, rankings) if answerer is not None else {}
         for row in range(real):
             per_query.append(_query_entry(ids[row], batch_records[row], labels[row], row, ks, scores, rankings, answers))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -669,6 +670,12 @@ ZERO3_WORKER = textwrap.dedent(
 )
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.distributed
 def test_zero3_partitioned_model_gives_the_unsharded_gradient(source_model, tmp_path):
     """Loaded under HfDeepSpeedConfig (ZeRO-3 partitioned, one CPU process), with checkpointing."""
@@ -676,7 +683,7 @@ def test_zero3_partitioned_model_gives_the_unsharded_gradient(source_model, tmp_
     script = tmp_path / "worker.py"
     script.write_text(ZERO3_WORKER)
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(29500 + os.getpid() % 1000), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "out.json"), str(Path(__file__).parent)],
         env=env, capture_output=True, text=True, timeout=240,

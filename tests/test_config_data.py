@@ -16,9 +16,9 @@ def write_yaml(tmp_path, text):
 
 def test_overrides_and_defaults(tmp_path):
     path = write_yaml(tmp_path, "relax:\n  k: 3\ntrain:\n  lr: 1.0e-4\n")
-    config = load_config(path, ["relax.tau=0.25", "data.n_candidates=10", "reranker.lora={r: 4}"])
+    config = load_config(path, ["relax.tau=0.25", "train.weight_decay=2e-3", "data.n_candidates=10", "reranker.lora={r: 4}"])
     assert (config.relax.k, config.relax.tau, config.train.lr) == (3, 0.25, 1e-4)
-    assert config.data.n_candidates == 10
+    assert config.data.n_candidates == 10 and config.train.weight_decay == 2e-3
     assert config.reranker.lora.r == 4 and config.reranker.lora.alpha == 16
 
 

@@ -38,6 +38,16 @@ TOP_K = 2  # documents the generator sees
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_environment():
+    """In-process evaluation sets RANK, WORLD_SIZE and MASTER_PORT (single-process DeepSpeed);
+    later tests' subprocesses must not inherit a port this process already listens on."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Toy test queries (three with padded candidate lists), a saved random tiny generator whose

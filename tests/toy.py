@@ -36,7 +36,7 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def train_toy_reader(records: list[dict], out_dir, steps: int = 150, seed: int = 0) -> str:
+def train_toy_reader(records: list[dict], out_dir, steps: int = 500, seed: int = 0) -> str:
     """A tiny CEPE reader trained (all candidates visible) to copy the matching key's code, saved
     with its tokenizer: the frozen generator of the trainer tests."""
     import torch
@@ -46,7 +46,7 @@ def train_toy_reader(records: list[dict], out_dir, steps: int = 150, seed: int =
     from grerank_dist.models import load_generator
     from grerank_dist.train import record_texts
 
-    config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=16", "data.answer_eos=true",
+    config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=12", "data.answer_eos=true",
                                 "data.doc_template='{title} : {text}'", "data.prompt_template='question : {question} answer :'"])
     model, tokenizer = load_generator("random:tiny", record_texts(records, config), seed=seed)
     model.requires_grad_(True).train()
@@ -54,7 +54,7 @@ def train_toy_reader(records: list[dict], out_dir, steps: int = 150, seed: int =
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
     for _ in range(steps):
-        ids = rng.sample(range(len(records)), 16)
+        ids = rng.sample(range(len(records)), 32)
         batch = collate([records[i] for i in ids], ids)
         loss = model(batch.input_ids, batch.attention_mask, batch.labels,
                      encoder_input_ids=batch.encoder_input_ids, encoder_attention_mask=batch.encoder_attention_mask).loss
