@@ -11,10 +11,10 @@ documents (a hard 0/-inf log-mask, greedy decoding) and EM, SubEM and F1 are add
 setting is the reranker setting on the training queries.
 
 Queries are sharded over ranks and the per-query results gathered before averaging, so a
-distributed run averages exactly the queries a single process would. Each query's numbers are
-computed in a batch with others; with the same ``--batch-size`` and inputs that pad to the same
-widths they are bit-identical to a single-process run, otherwise they may differ by float
-rounding only.
+distributed run averages exactly the queries a single process would. Each query is computed
+in a batch with others: documents are padded to a fixed width, reranker pairs and prompts to the
+batch's longest. With the same ``--batch-size`` and equal padded widths a distributed run is
+bit-identical to a single process; otherwise numbers may differ by float rounding only.
 
 Outputs in ``--out``: ``metrics.json`` (flat metric keys per method, plus the run's throughput),
 ``predictions.jsonl`` (per query and method: ranked candidate ids, reranker scores, the
@@ -51,6 +51,8 @@ RETRIEVER, ORACLE = "retriever", "oracle"
 
 @dataclass
 class EvalResult:
+    """What :func:`evaluate` wrote, for callers that go on (demo scripts, tests)."""
+
     metrics: dict[str, dict[str, Any]]  # method -> flat metric keys
     queries_per_s: float
     table: str
@@ -171,11 +173,6 @@ class TopKAnswerer:
 
 def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnswerer:
     """Load the generator checkpoint into its (ZeRO-3 or replicated) engine."""
-    if config.generator.path.startswith(RANDOM_PREFIX):
-        raise ValueError(
-            f"generator.path {config.generator.path!r}: the generator setting needs a generator checkpoint "
-            "directory (a random generator's answers mean nothing)"
-        )
     model, tokenizer = load_generator(config.generator.path, seed=config.generator.seed)
     model.config.cross_attn_backend = config.generator.attention_backend
     generator = strategy.build_generator_engine(model)
@@ -213,6 +210,11 @@ def evaluate(
     bsz = batch_size or config.train.micro_batch_size
     if bsz < 1:
         raise ValueError(f"batch size must be >= 1, got {bsz}")
+    if setting == "generator" and config.generator.path.startswith(RANDOM_PREFIX):
+        raise ValueError(
+            f"generator.path {config.generator.path!r}: the generator setting needs a generator checkpoint "
+            "directory (a random generator's answers mean nothing)"
+        )
     strategy = strategy or DeepSpeedStrategy(config)
     records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records)
     if strategy.is_main:

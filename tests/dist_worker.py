@@ -15,7 +15,7 @@ from grerank_dist.config import load_config
 from grerank_dist.models import load_generator
 from grerank_dist.relax import gumbel_softmax, noise_generator
 from grerank_dist.train import record_texts, train
-from grerank_dist.data import read_records
+from grerank_dist.data import Collator, read_records
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -35,7 +35,7 @@ def main() -> None:
     # The frozen generator after training, gathered from its ZeRO-3 partitions, against a fresh
     # unsharded copy built the same way.
     records, _ = read_records(config.data.train_file, config.data.n_candidates)
-    reference, _ = load_generator(config.generator.path, record_texts(records, config), seed=config.generator.seed)
+    reference, tokenizer = load_generator(config.generator.path, record_texts(records, config), seed=config.generator.seed)
     params = list(result.generator.parameters())
     max_diff = 0.0
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -43,6 +43,16 @@ def main() -> None:
         for name, ref in reference.named_parameters():
             max_diff = max(max_diff, (trained[name].detach().float() - ref.float()).abs().max().item())
         partitioned = all(hasattr(p, "ds_id") for p in params)
+    # Backward through the 2-rank ZeRO-3 generator gives the log-mask gradient of the unsharded one.
+    collate = Collator(config.data, tokenizer, None, config.reranker.max_length)
+    batch = collate(records[:3], [0, 1, 2])
+    log_mask = torch.randn(3, config.data.n_candidates, generator=torch.Generator().manual_seed(strategy.rank))
+    grads = []
+    for generator in (result.generator, reference):
+        mask = log_mask.clone().requires_grad_(True)
+        contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+        generator.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, mask).token_mean_nll().backward()
+        grads.append(mask.grad)
     noise = gumbel_softmax(torch.zeros(8), tau=1.0, generator=noise_generator(config.seed, strategy.rank, 0))
     payload = {
         "rank": strategy.rank,
@@ -53,6 +63,8 @@ def main() -> None:
         "generator_requires_grad": any(p.requires_grad for p in result.generator.parameters()),
         "first_noise_sample": noise.tolist(),
         "final_loss": result.final_loss,
+        "sharded_vs_unsharded_grad_max_diff": (grads[0] - grads[1]).abs().max().item(),
+        "grad_abs_max": grads[1].abs().max().item(),
     }
     with open(f"{out_path}.rank{strategy.rank}", "w") as handle:
         json.dump(payload, handle)

@@ -64,6 +64,7 @@ def test_two_processes_keep_ranks_identical_and_generator_frozen(tmp_path, toy_d
     for rank in ranks:
         assert rank["generator_partitioned"] and not rank["generator_requires_grad"]
         assert rank["generator_max_abs_change"] == 0.0
+        assert rank["grad_abs_max"] > 0 and rank["sharded_vs_unsharded_grad_max_diff"] < 1e-6 * max(1.0, rank["grad_abs_max"])
     assert ranks[0]["first_noise_sample"] != ranks[1]["first_noise_sample"]
     assert len(losses(out)) == 4
     # The run's own export scores as the DeepSpeed checkpoint's module weights do.
