@@ -41,9 +41,10 @@ from grerank_dist.data import Batch, Collator, read_records, reranker_pairs
 from grerank_dist.generator import EncodedContexts, ParallelContextGenerator
 from grerank_dist.metrics import aggregate_metrics, answer_query_metrics, gold_labels, metrics_table_markdown
 from grerank_dist.metrics import rank_by_scores, retrieval_query_metrics
-from grerank_dist.models import RANDOM_PREFIX, load_generator
+from grerank_dist.models import RANDOM_PREFIX
 from grerank_dist.reranker import load_reranker, reranker_scores
 from grerank_dist.strategy import DeepSpeedStrategy
+from grerank_dist.train import build_generator
 
 SETTINGS = ("reranker", "generator", "mining")
 RETRIEVER, ORACLE = "retriever", "oracle"
@@ -173,9 +174,7 @@ class TopKAnswerer:
 
 def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnswerer:
     """Load the generator checkpoint into its (ZeRO-3 or replicated) engine."""
-    model, tokenizer = load_generator(config.generator.path, seed=config.generator.seed)
-    model.config.cross_attn_backend = config.generator.attention_backend
-    generator = strategy.build_generator_engine(model)
+    generator, tokenizer = build_generator(config, strategy)
     return TopKAnswerer(
         generator=generator,
         tokenizer=tokenizer,

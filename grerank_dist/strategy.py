@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +151,26 @@ class DeepSpeedStrategy:
         return tree
 
     # ----------------------------------------------------------------- engines
+    @contextmanager
+    def generator_loading(self) -> Iterator[None]:
+        """Load the generator inside this block: under ZeRO-3, ``from_pretrained`` then partitions
+        each weight as it is read (transformers' ``HfDeepSpeedConfig``), so no rank ever holds the
+        whole model. The hook is dropped on exit, so the reranker built next stays whole."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ds_config = self.generator_ds_config()
+        hook = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage", 3) == 3 else None
+        try:
+            yield
+        finally:
+            del hook
+
     def build_generator_engine(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap the frozen generator (ZeRO-3: partitioned parameters, no optimizer) and return
-        the module to call. All parameters must already be frozen."""
+        the module to call. All parameters must already be frozen and in ``self.dtype``."""
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(f"the generator must be frozen, but {len(trainable)} parameters require grad: {trainable[:3]}")
-        model.to(dtype=self.dtype)
         engine, *_ = deepspeed.initialize(model=model, config=self.generator_ds_config())
         self.generator_engine = engine
         return engine.module

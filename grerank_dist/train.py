@@ -57,6 +57,18 @@ def record_texts(records: list[dict[str, Any]], config: TrainConfig) -> list[str
     return texts
 
 
+def build_generator(
+    config: TrainConfig, strategy: DeepSpeedStrategy, vocab_texts: list[str] | tuple = ()
+) -> tuple[ParallelContextGenerator, Any]:
+    """The frozen generator in its engine (partitioned as it loads under ZeRO-3), and its tokenizer."""
+    with strategy.generator_loading():
+        model, tokenizer = load_generator(config.generator.path, vocab_texts, seed=config.generator.seed, dtype=strategy.dtype)
+    model.config.cross_attn_backend = config.generator.attention_backend
+    if config.generator.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return strategy.build_generator_engine(model), tokenizer
+
+
 def build_reranker(config: TrainConfig, records: list[dict[str, Any]]) -> tuple[torch.nn.Module, Any]:
     spec = config.reranker
     if spec.path.startswith(RANDOM_PREFIX):
@@ -130,12 +142,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
         print(report.summary(), flush=True)
 
     # Models: the frozen generator into its ZeRO-3 engine first, then the trained reranker.
-    texts = record_texts(records, config)
-    gen_model, gen_tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed)
-    gen_model.config.cross_attn_backend = config.generator.attention_backend
-    if config.generator.gradient_checkpointing:
-        gen_model.activation_checkpointing_enable()
-    generator = strategy.build_generator_engine(gen_model)
+    generator, gen_tokenizer = build_generator(config, strategy, record_texts(records, config))
     rr_model, rr_tokenizer = build_reranker(config, records)
     trainable = [p for p in rr_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)

@@ -19,8 +19,17 @@ CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 TIMEOUT = 300
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the rendezvous variables an in-process strategy may
+    have set (a child would otherwise try to join that process group), plus ``extra``."""
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update({"OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
 def run_cli(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
+    env = clean_env(PYTHONPATH=f"{ROOT / 'tests'}:{ROOT}")
     command = (launcher or [sys.executable]) + args
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
     return result
@@ -166,7 +175,7 @@ def test_impossible_config_fails_at_start(tmp_path, toy_data):
 )
 def test_launchers_run_two_process_training(tmp_path, toy_data, launcher):
     """A real 2-process CPU run started through each launcher script completes and exports."""
-    env = {**os.environ, "GRERANK_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = clean_env(GRERANK_PYTHON=sys.executable)
     args = ["--", "--config", str(CONFIG), f"output_dir={tmp_path}", f"data.train_file={toy_data}", "train.max_steps=2"]
     result = subprocess.run(launcher + args, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
     check(result)

@@ -12,12 +12,15 @@ import torch
 RANDOM_PREFIX = "random:"
 
 
-def load_generator(path: str, vocab_texts: Iterable[str] = (), seed: int = 0) -> tuple[torch.nn.Module, Any]:
+def load_generator(
+    path: str, vocab_texts: Iterable[str] = (), seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Any]:
     """A frozen generator and its tokenizer from a local checkpoint directory.
 
     ``random:tiny`` builds a random-init tiny CEPE whose word-level vocabulary covers
     ``vocab_texts`` (smoke runs and tests; every rank builds the same weights from ``seed``).
-    A directory is dispatched on its ``config.json`` ``model_type``.
+    A directory is dispatched on its ``config.json`` ``model_type`` and loaded in ``dtype``
+    (inside :meth:`DeepSpeedStrategy.generator_loading`, partitioned as it loads).
     """
     from transformers import AutoTokenizer
 
@@ -31,7 +34,7 @@ def load_generator(path: str, vocab_texts: Iterable[str] = (), seed: int = 0) ->
 
         tokenizer = build_word_tokenizer(vocab_texts, "decoder")
         torch.manual_seed(seed)
-        model = CepeForCausalContextLM(tiny_cepe_config(vocab_size=len(tokenizer)))
+        model = CepeForCausalContextLM(tiny_cepe_config(vocab_size=len(tokenizer))).to(dtype)
     else:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
@@ -47,7 +50,7 @@ def load_generator(path: str, vocab_texts: Iterable[str] = (), seed: int = 0) ->
                 f"(supported: CEPE checkpoints, model_type {CepeConfig.model_type!r} or a config with "
                 f"'num_cross_attn_layers')"
             )
-        model = CepeForCausalContextLM.from_pretrained(path)
+        model = CepeForCausalContextLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model.requires_grad_(False)
     model.eval()
