@@ -37,6 +37,7 @@ __all__ = [
     "FOLDED_MASK_VALUE",
     "available_backends",
     "backend_unavailable_reason",
+    "check_key_bias",
     "expand_doc_bias",
     "masked_attention",
 ]
@@ -273,6 +274,14 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
         raise ValueError(f"key_bias must be a float tensor, got {key_bias.dtype}")
     if k.shape[2] == 0:
         raise ValueError("attention over zero keys: k has N = 0")
+
+
+def check_key_bias(key_bias: torch.Tensor) -> None:
+    """Reject NaN/+inf biases and rows whose keys are all -inf (they would attend to nothing).
+
+    It reads the values (one device sync); a caller that reuses one bias in many layers checks it
+    once here and passes ``check_bias=False`` to :func:`masked_attention`.
+    """
     with torch.no_grad():
         bad_value = torch.isnan(key_bias) | torch.isposinf(key_bias)
         all_removed = torch.isneginf(key_bias).all(dim=-1)
@@ -294,6 +303,7 @@ def masked_attention(
     *,
     backend: str = "auto",
     scale: float | None = None,
+    check_bias: bool = True,
 ) -> torch.Tensor:
     """Non-causal attention with a per-key additive bias, broadcast over heads and queries.
 
@@ -304,6 +314,7 @@ def masked_attention(
             key (padding, or a document with mask 0). See :func:`expand_doc_bias`.
         backend: one of :data:`BACKENDS` or "auto" (fastest exact backend for the device).
         scale: logit scale; defaults to 1/sqrt(D).
+        check_bias: validate the bias values (see :func:`check_key_bias`); shapes are always checked.
 
     Returns:
         [B, H, M, D] in q's dtype.
@@ -313,6 +324,8 @@ def masked_attention(
             cannot run here (the message says why).
     """
     _check_inputs(q, k, v, key_bias)
+    if check_bias:
+        check_key_bias(key_bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_bias))
     if backend == "auto":

@@ -50,6 +50,9 @@ class RerankerConfig:
     max_length: int = 256
     lora: LoraConfig | None = None
     seed: int = 0
+    # The trained reranker's dtype (its DeepSpeed engine's bf16 flag): fp32 by default, also next
+    # to a bf16 generator, so scores, updates and the export keep full precision.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -290,8 +293,11 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("train.lr", f"must be > 0, got {t.lr!r}")
     if not _is_number(t.max_grad_norm) or t.max_grad_norm < 0:
         fail("train.max_grad_norm", f"must be >= 0 (0 disables clipping), got {t.max_grad_norm!r}")
-    if config.generator.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        fail("generator.dtype", f"must be auto, float32, bfloat16 or float16, got {config.generator.dtype!r}")
+    for key, value in (("generator.dtype", config.generator.dtype), ("reranker.dtype", config.reranker.dtype)):
+        if value not in ("auto", "float32", "bfloat16", "float16"):
+            fail(key, f"must be auto, float32, bfloat16 or float16, got {value!r}")
+    if not 0 <= config.seed < 2**20:
+        fail("seed", f"must be in [0, 2**20) (it is packed into the per-rank noise seeds), got {config.seed}")
     for key in ("doc_template", "prompt_template", "passage_template"):
         template = getattr(d, key)
         try:

@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -158,12 +158,14 @@ class TopKAnswerer:
     max_new_tokens: int
     stop_ids: list[int]
     device: torch.device
+    begin_pass: Callable[[], None]  # strategy.begin_generator_step (ZeRO-3 prefetch trace)
 
     def __call__(
         self, records: list[dict[str, Any]], record_ids: list[int], rankings: dict[str, list[list[int]]]
     ) -> dict[str, list[str]]:
         """method -> one answer per record. The documents are encoded once for all methods."""
         batch = self.collator(records, record_ids).to(self.device)
+        self.begin_pass()
         contexts = self.generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
         answers = {}
         for method, ranked in rankings.items():
@@ -183,6 +185,7 @@ def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnsw
         max_new_tokens=config.generator.max_new_tokens,
         stop_ids=stop_token_ids(tokenizer),
         device=strategy.device,
+        begin_pass=strategy.begin_generator_step,
     )
 
 

@@ -21,10 +21,12 @@ from grerank_dist.relax import gumbel_attention_mask
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor
-    # Mean over queries of the largest mask weight max_i M_i (the paper's Fig. 5 statistic).
+    # Mean over queries of the largest normalised reranker weight max_i softmax(kappa*w/tau)_i,
+    # the noise-free statistic of the paper's Fig. 5 (1/n when the reranker cannot tell
+    # candidates apart).
+    mean_max_weight: torch.Tensor
+    # Mean over queries of the largest weight of the sampled (noisy) mask, max_i M_i.
     mean_max_mask: torch.Tensor
-    # Mean over queries of the total mask mass sum_i M_i (k when the mask is a hard top-k).
-    mean_mask_mass: torch.Tensor
 
 
 def grerank_loss(
@@ -42,11 +44,11 @@ def grerank_loss(
         scores, relax.k, relax.tau, relax.kappa, generator=noise, valid=batch.valid, noise=relax.noise
     )
     answer = generator.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, log_mask)
-    mask = log_mask.detach().exp()
+    weights = torch.softmax((relax.kappa * scores.detach() / relax.tau).masked_fill(~batch.valid, -torch.inf), dim=-1)
     return ObjectiveOutput(
         loss=answer.token_mean_nll(),
-        mean_max_mask=mask.max(dim=-1).values.mean(),
-        mean_mask_mass=mask.sum(dim=-1).mean(),
+        mean_max_weight=weights.max(dim=-1).values.mean(),
+        mean_max_mask=log_mask.detach().exp().max(dim=-1).values.mean(),
     )
 
 

@@ -77,7 +77,8 @@ class DeepSpeedStrategy:
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
-        self.dtype = self._resolve_dtype(config.generator.dtype)
+        self.dtype = self._resolve_dtype(config.generator.dtype)  # the generator's
+        self.reranker_dtype = self._resolve_dtype(config.reranker.dtype)
         self.generator_engine: Any = None
         self.reranker_engine: Any = None
 
@@ -112,23 +113,26 @@ class DeepSpeedStrategy:
         return gathered
 
     # ----------------------------------------------------------------- configs
-    def _ds_config(self, key: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    def _ds_config(self, key: str, overrides: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         path = resolve_path(self.config, getattr(self.config.deepspeed, key))
         tree = load_json_with_overrides(path, overrides)
-        tree.pop("optimizer", None)  # the optimizer is ours (torch AdamW); see build_reranker_engine
-        tree.pop("scheduler", None)
+        for section in ("optimizer", "scheduler"):
+            if section in tree:
+                raise ConfigError(
+                    f"{path}: remove the '{section}' section: the optimizer and schedule come from the "
+                    "training config's train.* keys (torch AdamW with warmup and decay)"
+                )
         tree.setdefault("zero_optimization", {})
         tree["train_micro_batch_size_per_gpu"] = self.config.train.micro_batch_size
         tree.pop("train_batch_size", None)
-        bf16 = self.dtype == torch.bfloat16
-        tree["bf16"] = {"enabled": bf16}
-        tree["fp16"] = {"enabled": self.dtype == torch.float16}
+        tree["bf16"] = {"enabled": dtype == torch.bfloat16}
+        tree["fp16"] = {"enabled": dtype == torch.float16}
         tree.setdefault("steps_per_print", 10**9)
         tree.setdefault("wall_clock_breakdown", False)
         return tree
 
     def generator_ds_config(self) -> dict[str, Any]:
-        tree = self._ds_config("generator_config", self.config.deepspeed.generator_overrides)
+        tree = self._ds_config("generator_config", self.config.deepspeed.generator_overrides, self.dtype)
         tree["gradient_accumulation_steps"] = 1  # the generator never steps
         stage = tree["zero_optimization"].get("stage", 3)
         if stage not in (0, 3):
@@ -139,7 +143,7 @@ class DeepSpeedStrategy:
         return tree
 
     def reranker_ds_config(self) -> dict[str, Any]:
-        tree = self._ds_config("reranker_config", self.config.deepspeed.reranker_overrides)
+        tree = self._ds_config("reranker_config", self.config.deepspeed.reranker_overrides, self.reranker_dtype)
         tree["gradient_accumulation_steps"] = self.config.train.gradient_accumulation_steps
         tree["gradient_clipping"] = float(self.config.train.max_grad_norm)
         stage = tree["zero_optimization"].get("stage", 1)
@@ -202,6 +206,15 @@ class DeepSpeedStrategy:
 
     def learning_rate(self) -> float:
         return float(self.reranker_engine.get_lr()[0])
+
+    def begin_generator_step(self) -> None:
+        """Start a new pass of the generator: ZeRO-3 traces the order in which its modules fetch
+        parameters and prefetches along that trace, but it resets the trace only in a forward
+        hook of the top-level module, which the interface methods (encode_contexts,
+        answer_logprobs, generate) never call. Called once per micro-step, it does that reset."""
+        offload = getattr(self.generator_engine, "optimizer", None)
+        if offload is not None and hasattr(offload, "get_param_coordinator"):
+            offload.get_param_coordinator().reset_step()
 
     def release_generator_params(self) -> None:
         """Drop any ZeRO-3 parameters still gathered (after eval or generation, whose module

@@ -110,6 +110,7 @@ def training_step(
     decoder's cross-attention. ``strategy.step`` applies the update at accumulation boundaries.
     """
     scores = reranker_scores(reranker, batch.reranker_inputs, config.data.n_candidates)  # [B, n]
+    strategy.begin_generator_step()
     contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     objective = OBJECTIVES[config.train.objective]
     out = objective(generator, contexts, batch, scores, config.relax, noise)  # mask -> generator -> loss
@@ -137,12 +138,17 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     torch.manual_seed(config.seed)
 
     # Data: every rank reads and checks the whole file; the schedule picks each rank's share.
+    # A query with no more than k candidates gets mask 1 everywhere and no gradient: left out.
     records, report = read_records(config.data.train_file, config.data.n_candidates, config.data.skip_bad_records)
+    records = [r for r in records if len(r["ctxs"]) > config.relax.k]
     if strategy.is_main:
         print(report.summary(), flush=True)
+        if len(records) < report.kept:
+            print(f"left out {report.kept - len(records)} records with <= relax.k={config.relax.k} candidates", flush=True)
 
     # Models: the frozen generator into its ZeRO-3 engine first, then the trained reranker.
-    generator, gen_tokenizer = build_generator(config, strategy, record_texts(records, config))
+    random_generator = config.generator.path.startswith(RANDOM_PREFIX)
+    generator, gen_tokenizer = build_generator(config, strategy, record_texts(records, config) if random_generator else ())
     rr_model, rr_tokenizer = build_reranker(config, records)
     trainable = [p for p in rr_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
@@ -175,7 +181,8 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     last_step = min(config.train.stop_at_step or config.train.max_steps, config.train.max_steps)
     for step in range(start_step, last_step):
         started = time.perf_counter()
-        losses, max_masks = [], []
+        lr = strategy.learning_rate()  # the rate this step's update uses
+        losses, max_weights, max_masks = [], [], []
         for micro in range(accum):
             micro_step = step * accum + micro
             # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
@@ -185,6 +192,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
             batch = collate([records[i] for i in ids], ids, epoch=schedule.epoch_of(micro_step)).to(strategy.device)
             out = training_step(strategy, reranker, generator, batch, config, noise)
             losses.append(out.loss.detach())
+            max_weights.append(out.mean_max_weight)
             max_masks.append(out.mean_max_mask)
         elapsed = time.perf_counter() - started
         done = step + 1
@@ -192,20 +200,21 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
         stopping = done == last_step or strategy.any_rank(stop_signal.received)
         if done % config.train.log_every == 0 or stopping:
             loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
-            max_mask = strategy.all_reduce_mean(torch.stack(max_masks).mean()).item()
+            max_weight = strategy.all_reduce_mean(torch.stack(max_weights).mean()).item()
             queries = config.train.micro_batch_size * accum * strategy.world_size
             logger.log(
                 done,
                 {
                     "loss": loss,
-                    "lr": strategy.learning_rate(),
+                    "lr": lr,
                     "grad_norm": strategy.grad_norm(),
-                    "mean_max_mask": max_mask,
+                    "mean_max_weight": max_weight,
+                    "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
                     "queries_per_s": queries / elapsed,
                     "step_time_s": elapsed,
                 },
             )
-            bar.set_postfix(loss=f"{loss:.4f}", max_mask=f"{max_mask:.3f}")
+            bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
         if (config.train.save_every and done % config.train.save_every == 0) or stopping:
             strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
         if stopping:

@@ -11,9 +11,9 @@ import sys
 import deepspeed
 import torch
 
+from grerank_dist import objectives
 from grerank_dist.config import load_config
 from grerank_dist.models import load_generator
-from grerank_dist.relax import gumbel_softmax, noise_generator
 from grerank_dist.train import record_texts, train
 from grerank_dist.data import Collator, read_records
 
@@ -29,8 +29,20 @@ def state_hash(module: torch.nn.Module) -> str:
 def main() -> None:
     config_path, out_path, *overrides = sys.argv[1:]
     config = load_config(config_path, overrides)
+    # Record the state of the noise generator the trainer hands the relaxation at its first call.
+    drawn = []
+    relax_fn = objectives.gumbel_attention_mask
+
+    def recording(*args, generator=None, **kwargs):
+        if not drawn:
+            probe = torch.Generator(device="cpu").set_state(generator.get_state())
+            drawn.append(torch.rand(8, generator=probe).tolist())
+        return relax_fn(*args, generator=generator, **kwargs)
+
+    objectives.gumbel_attention_mask = recording
     result = train(config, resume="none")
     strategy = result.strategy
+    trace_complete = strategy.generator_engine.optimizer.get_param_coordinator().is_complete_trace()
 
     # The frozen generator after training, gathered from its ZeRO-3 partitions, against a fresh
     # unsharded copy built the same way.
@@ -53,7 +65,6 @@ def main() -> None:
         contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
         generator.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, mask).token_mean_nll().backward()
         grads.append(mask.grad)
-    noise = gumbel_softmax(torch.zeros(8), tau=1.0, generator=noise_generator(config.seed, strategy.rank, 0))
     payload = {
         "rank": strategy.rank,
         "world_size": strategy.world_size,
@@ -61,7 +72,8 @@ def main() -> None:
         "generator_max_abs_change": max_diff,
         "generator_partitioned": partitioned,
         "generator_requires_grad": any(p.requires_grad for p in result.generator.parameters()),
-        "first_noise_sample": noise.tolist(),
+        "first_noise_sample": drawn[0],
+        "prefetch_trace_complete": trace_complete,
         "final_loss": result.final_loss,
         "sharded_vs_unsharded_grad_max_diff": (grads[0] - grads[1]).abs().max().item(),
         "grad_abs_max": grads[1].abs().max().item(),

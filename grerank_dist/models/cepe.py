@@ -48,7 +48,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import ModelOutput
 
-from grerank_dist.attention import BACKENDS, expand_doc_bias, masked_attention
+from grerank_dist.attention import BACKENDS, check_key_bias, expand_doc_bias, masked_attention
 from grerank_dist.generator import AnswerLogProbs, EncodedContexts
 
 __all__ = [
@@ -157,6 +157,13 @@ class CepeConfig(LlamaConfig):
         """The bidirectional encoder's Llama config, built from the nested ``encoder_config``."""
         if self.encoder_config is None:
             raise ValueError("CepeConfig field 'encoder_config' is missing: CEPE needs its encoder's Llama config")
+        if self._attn_implementation not in (None, "eager", "sdpa"):
+            # Other kernels drop the 4-D masks this model relies on (a flash encoder would run causal).
+            raise ValueError(
+                f"CepeConfig attn_implementation {self._attn_implementation!r} is not supported for the "
+                "self-attention of CEPE's encoder and decoder: use 'sdpa' or 'eager' (the cross-attention "
+                "backend is chosen separately by cross_attn_backend)"
+            )
         encoder_config = LlamaConfig.from_dict(dict(self.encoder_config))
         encoder_config._attn_implementation = self._attn_implementation
         return encoder_config
@@ -307,7 +314,8 @@ class CepeCrossAttention(nn.Module):
         queries = self.q_proj(self.layernorm(hidden_states))
         queries = queries.view(rows, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         attended = masked_attention(
-            queries, keys, values, key_bias, backend=self.config.cross_attn_backend, scale=self.head_dim**-0.5
+            queries, keys, values, key_bias, backend=self.config.cross_attn_backend, scale=self.head_dim**-0.5,
+            check_bias=False,  # checked once per forward in _decoder_rows
         )
         return self.o_proj(attended.transpose(1, 2).reshape(rows, seq_len, self.num_heads * self.head_dim))
 
@@ -748,6 +756,7 @@ class CepeForCausalContextLM(PreTrainedModel):
                 f"each it must have {batch} or {rows}"
             )
         key_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
+        check_key_bias(key_bias)
         return tensors, key_bias, masks_per_query
 
     def _final_hidden(
