@@ -50,6 +50,9 @@ class RerankerConfig:
     max_length: int = 256
     lora: LoraConfig | None = None
     seed: int = 0
+    # Recompute the reranker's layers in backward: B*n pairs per micro-step make its activations
+    # the largest memory item beside the generator (see scripts/estimate_memory.py).
+    gradient_checkpointing: bool = False
     # The trained reranker's dtype (its DeepSpeed engine's bf16 flag): fp32 by default, also next
     # to a bf16 generator, so scores, updates and the export keep full precision.
     dtype: str = "float32"

@@ -75,8 +75,12 @@ def build_reranker(config: TrainConfig, records: list[dict[str, Any]]) -> tuple[
         if spec.path != f"{RANDOM_PREFIX}tiny":
             raise ValueError(f"reranker.path {spec.path!r}: the only random reranker is 'random:tiny'")
         passages = [config.data.passage_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]]
-        return tiny_reranker([r["question"] for r in records] + passages, seed=spec.seed)
-    return load_reranker(spec.path, lora=spec.lora)
+        model, tokenizer = tiny_reranker([r["question"] for r in records] + passages, seed=spec.seed)
+    else:
+        model, tokenizer = load_reranker(spec.path, lora=spec.lora)
+    if spec.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model, tokenizer
 
 
 def lr_lambda(config: TrainConfig):
