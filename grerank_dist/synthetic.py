@@ -81,6 +81,7 @@ _TEMPLATES = (
     CITY_WORDING_TEXT,
 )
 # Question words that carry no content for the lexical retriever.
+_SHARE_ADJECTIVE_P = 0.5
 _RETRIEVER_STOPWORDS = frozenset("in which was the of who or , ? a is by".split())
 
 
@@ -107,9 +108,9 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.bridge_fraction <= 1.0:
             raise ValueError(f"SyntheticConfig.bridge_fraction must be in [0, 1], got {self.bridge_fraction}")
-        if not 2 <= self.family_size_min <= self.family_size_max <= 4:
+        if not 1 <= self.family_size_min <= self.family_size_max <= 4:
             raise ValueError(
-                "SyntheticConfig.family_size_min/max must satisfy 2 <= min <= max <= 4, got "
+                "SyntheticConfig.family_size_min/max must satisfy 1 <= min <= max <= 4, got "
                 f"{self.family_size_min}/{self.family_size_max}"
             )
         if not 0.0 <= self.review_probability <= 1.0:
@@ -210,7 +211,7 @@ def _lookalike_title(rng: random.Random, work: str, exclude: set[str]) -> str:
     """A title sharing exactly one word with ``work`` (same adjective or same noun)."""
     adjective, noun = work.split()
     while True:
-        if rng.random() < 0.5:
+        if rng.random() < _SHARE_ADJECTIVE_P:
             title = f"{adjective} {rng.choice(TITLE_NOUNS)}"
         else:
             title = f"{rng.choice(TITLE_ADJECTIVES)} {noun}"
