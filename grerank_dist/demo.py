@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import read_records
+from grerank_dist.data import Collator, read_records
 from grerank_dist.evaluate import evaluate
 from grerank_dist.metrics import metrics_table_markdown
+from grerank_dist.models import load_generator
 from grerank_dist.plots import plot_mask_weight, plot_metric_history
 from grerank_dist.reranker import export_reranker, tiny_reranker
 from grerank_dist.synthetic import write_synthetic_splits
 from grerank_dist.tracking import read_metrics
-from grerank_dist.train import train
+from grerank_dist.train import record_texts, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -78,12 +82,11 @@ def run_demo(out_dir: Path, seed: int = 0, quick: bool = False, overrides: list[
     timings["data_s"] = time.perf_counter() - t
 
     t = _stage("2/5 reader: train the tiny CEPE generator, then freeze it")
-    reader_dir, reader_metrics = train_demo_reader(config, splits, out_dir / "reader", sizes["reader_steps"], seed)
-    config.generator.path = str(reader_dir)
+    records, _ = read_records(splits["train"], config.data.n_candidates)
+    config.generator.path = str(train_reader(records, config, out_dir / "reader", sizes["reader_steps"], seed))
     timings["reader_s"] = time.perf_counter() - t
 
     t = _stage("3/5 G-Rerank: train a random-init cross-encoder from the frozen reader")
-    records, _ = read_records(splits["train"], config.data.n_candidates)
     texts = [r["question"] for r in records] + [
         config.data.passage_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]
     ]
@@ -107,7 +110,6 @@ def run_demo(out_dir: Path, seed: int = 0, quick: bool = False, overrides: list[
     summary = {
         "seed": seed,
         "sizes": sizes,
-        "reader": reader_metrics,
         "settings": {name: res.metrics for name, res in settings.items()},
         "history": history,
         "timings": timings,
@@ -138,11 +140,6 @@ def write_report(out_dir: Path, summary: dict[str, Any], settings: dict[str, Any
     for name, res in settings.items():
         cols = columns + (["em", "subem", "f1"] if name == "generator" else [])
         parts += [f"## {name} setting", "", metrics_table_markdown(res.metrics, cols), ""]
-    reader = summary["reader"]
-    if reader:
-        parts += ["## reader (frozen generator): SubEM by which documents it is given", "",
-                  metrics_table_markdown({k: v for k, v in reader.items() if isinstance(v, dict)},
-                                         sorted({c for v in reader.values() if isinstance(v, dict) for c in v})), ""]
     text = "\n".join(parts)
     (out_dir / "results.md").write_text(text)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -155,24 +152,19 @@ def write_report(out_dir: Path, summary: dict[str, Any], settings: dict[str, Any
     print(f"exported reranker: {reranker_dir}", flush=True)
 
 
-def train_demo_reader(config: TrainConfig, splits: dict[str, Path], out_dir: Path, steps: int, seed: int) -> tuple[Path, dict]:
-    """Train and freeze the reader (generator) of the demo; returns its directory and report."""
-    import random
-
-    import torch
-
-    from grerank_dist.data import Collator
-    from grerank_dist.models import load_generator
-    from grerank_dist.train import record_texts
-
-    records, _ = read_records(splits["train"], config.data.n_candidates)
+def train_reader(
+    records: list[dict[str, Any]], config: TrainConfig, out_dir: Path, steps: int, seed: int,
+    batch_size: int = 32, lr: float = 3e-3,
+) -> Path:
+    """A tiny random-init CEPE reader trained with every candidate visible (plain torch, one
+    process, AdamW on the answer loss), then frozen and saved with its word-level tokenizer."""
     model, tokenizer = load_generator("random:tiny", record_texts(records, config), seed=seed)
     model.requires_grad_(True).train()
-    collate = Collator(config.data, tokenizer, None, 8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    collate = Collator(config.data, tokenizer, None, config.reranker.max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
     for _ in range(steps):
-        ids = rng.sample(range(len(records)), min(32, len(records)))
+        ids = rng.sample(range(len(records)), min(batch_size, len(records)))
         batch = collate([records[i] for i in ids], ids)
         loss = model(batch.input_ids, batch.attention_mask, batch.labels, encoder_input_ids=batch.encoder_input_ids,
                      encoder_attention_mask=batch.encoder_attention_mask).loss
@@ -182,7 +174,7 @@ def train_demo_reader(config: TrainConfig, splits: dict[str, Path], out_dir: Pat
     model.requires_grad_(False).eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return out_dir, {}
+    return out_dir
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -37,31 +37,13 @@ def write_jsonl(path, records) -> str:
 
 
 def train_toy_reader(records: list[dict], out_dir, steps: int = 500, seed: int = 0) -> str:
-    """A tiny CEPE reader trained (all candidates visible) to copy the matching key's code, saved
+    """A tiny CEPE reader trained (all candidates visible) to copy the one code it sees, saved
     with its tokenizer: the frozen generator of the trainer tests."""
-    import torch
+    from pathlib import Path
 
     from grerank_dist.config import load_config
-    from grerank_dist.data import Collator
-    from grerank_dist.models import load_generator
-    from grerank_dist.train import record_texts
+    from grerank_dist.demo import train_reader
 
     config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=12", "data.answer_eos=true",
                                 "data.doc_template='{title} : {text}'", "data.prompt_template='question : {question} answer :'"])
-    model, tokenizer = load_generator("random:tiny", record_texts(records, config), seed=seed)
-    model.requires_grad_(True).train()
-    collate = Collator(config.data, tokenizer, None, 8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(seed)
-    for _ in range(steps):
-        ids = rng.sample(range(len(records)), 32)
-        batch = collate([records[i] for i in ids], ids)
-        loss = model(batch.input_ids, batch.attention_mask, batch.labels,
-                     encoder_input_ids=batch.encoder_input_ids, encoder_attention_mask=batch.encoder_attention_mask).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.requires_grad_(False).eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return str(out_dir)
+    return str(train_reader(records, config, Path(out_dir), steps, seed))
