@@ -71,7 +71,6 @@ class DataConfig:
     answer_choice: str = "first"  # first | shortest | random (seeded by epoch and record)
     answer_eos: bool = False  # append EOS to the training answer
     skip_bad_records: bool = False
-    num_proc: int = 1  # processes for tokenisation
 
 
 @dataclass
@@ -286,7 +285,6 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         ("train.stop_at_step", t.stop_at_step, 0),
         ("train.warmup_steps", t.warmup_steps, 0),
         ("data.doc_max_tokens", d.doc_max_tokens, 1),
-        ("data.num_proc", d.num_proc, 1),
         ("reranker.max_length", config.reranker.max_length, 8),
         ("generator.max_new_tokens", config.generator.max_new_tokens, 1),
     ):
