@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 # Sizes: the full demo (about 10 minutes on 2 cores) and a quick pass through every stage.
-FULL = {"splits": {"train": 3000, "dev": 200, "test": 400}, "reader_steps": 800, "rerank_steps": 300, "mining": 400}
+FULL = {"splits": {"train": 3000, "dev": 200, "test": 400}, "reader_steps": 1500, "rerank_steps": 300, "mining": 400}
 QUICK = {"splits": {"train": 96, "dev": 32, "test": 32}, "reader_steps": 4, "rerank_steps": 4, "mining": 32}
 
 
