@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from grerank_dist.config import DataConfig
+from grerank_dist.metrics import gold_labels
 
 
 class RecordError(ValueError):
@@ -175,6 +176,7 @@ class Batch:
 
     reranker_inputs: dict[str, torch.Tensor]  # each [B*n, Lr]
     valid: torch.Tensor  # [B, n] bool: real candidates
+    relevant: torch.Tensor  # [B, n] bool: gold labels (metrics.gold_labels); only the gold-label reference trains on them
     encoder_input_ids: torch.Tensor  # [B, n, L], left-padded
     encoder_attention_mask: torch.Tensor  # [B, n, L]
     input_ids: torch.Tensor  # [B, S] prompt + answer, right-padded
@@ -190,6 +192,7 @@ class Batch:
             name: getattr(self, name).to(device)
             for name in (
                 "valid",
+                "relevant",
                 "encoder_input_ids",
                 "encoder_attention_mask",
                 "input_ids",
@@ -286,6 +289,7 @@ class Collator:
         return Batch(
             reranker_inputs=rr,
             valid=valid,
+            relevant=relevance_mask(records, n),
             encoder_input_ids=enc.view(bsz, n, -1),
             encoder_attention_mask=enc_mask.view(bsz, n, -1),
             input_ids=_pad(full_rows, self.gen_pad, left=False),
@@ -322,6 +326,16 @@ def candidate_mask(records: list[dict[str, Any]], n: int) -> torch.Tensor:
     for b, record in enumerate(records):
         valid[b, : min(n, len(record["ctxs"]))] = True
     return valid
+
+
+def relevance_mask(records: list[dict[str, Any]], n: int) -> torch.Tensor:
+    """[B, n] True for each record's gold candidates (supporting documents for multi-hop
+    records, answer-bearing ones otherwise), the labels the retrieval metrics use."""
+    relevant = torch.zeros(len(records), n, dtype=torch.bool)
+    for b, record in enumerate(records):
+        labels = gold_labels(record)[0][:n]
+        relevant[b, : len(labels)] = torch.tensor(labels, dtype=torch.bool)
+    return relevant
 
 
 def _pad_id(tokenizer: Any) -> int:

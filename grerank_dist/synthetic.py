@@ -4,15 +4,18 @@ Why it exists: the demo must show, on a laptop CPU, that G-Rerank credits *indir
 documents (gold documents that do not contain the answer). That only works if the reader truly
 needs both hops, so the world is built to defeat every shortcut:
 
-* bridge questions ("in which city was the author of <work> born ?"): the work document names the
-  author (supporting, no answer); the author's *family* document lists two or three relatives, each
-  with a birth city, so the answer document alone leaves the reader guessing among relatives;
+* bridge questions ("in which city was the author of <work> , of the <last> family , born ?"):
+  the work document says which member of the family wrote it ("written by the eldest berg";
+  supporting, no answer); the family document lists the eldest and the youngest member with
+  their birth cities and years, so the answer document alone leaves a coin flip and only the
+  work document settles it. The question names the family, so a reranker that reads one
+  document at a time can recognise both gold documents; the hop is in what the reader must do;
 * comparison questions ("who was born first , <A> or <B> ?"): the two family documents that hold
-  A's and B's birth years; each alone leaves a coin flip;
-* hard negatives: relatives and first-name lookalikes of the people asked about, other works whose
-  titles share a word with the asked work (written by lookalikes, with their own family documents,
-  so a complete but wrong chain exists), reviews of the asked work by another person, documents
-  sharing the question's wording, and random documents;
+  A's and B's birth years; telling which is earlier needs both years;
+* hard negatives: first-name lookalikes of the people asked about (other families), works whose
+  titles share a word with the asked work (by the other family member or by lookalikes, so a
+  complete but wrong chain exists), a review of the asked work by the other family member (same
+  title, same family, other rank), documents sharing the question's wording, random documents;
 * every query draws a fresh combination of names, cities, years and titles from fixed pools, so no
   fact is shared across queries: a reader cannot memorise the world, it must read;
 * a lexical retriever score with noise orders the candidates, an imperfect baseline that often
@@ -63,11 +66,12 @@ TITLE_NOUNS = (
 GENRES = ("novel", "poem", "play", "memoir")
 YEARS = tuple(str(year) for year in range(1900, 2000))
 
-BRIDGE_QUESTION = "in which city was the author of {work} born ?"
+BRIDGE_QUESTION = "in which city was the author of {work} , of the {last} family , born ?"
 COMPARISON_QUESTION = "who was born first , {first} or {second} ?"
-WORK_TEXT = "{work} is a {genre} written by {author} ."
-REVIEW_TEXT = "{work} is a {genre} reviewed by {reviewer} ."
-PERSON_LINE = "{name} was born in {city} in {year} ."
+WORK_TEXT = "{work} is a {genre} written by the {rank} {last} ."
+REVIEW_TEXT = "{work} is a {genre} reviewed by the {rank} {last} ."
+PERSON_LINE = "{rank} {name} was born in {city} in {year} ."
+RANKS = ("eldest", "youngest")  # family members, in order of birth
 FAMILY_TITLE = "{last} family"
 CITY_WORDING_TEXT = "{city} is a city where many authors were born ."
 CITY_WORDING_TITLE = "{city}"
@@ -81,7 +85,6 @@ _TEMPLATES = (
     CITY_WORDING_TEXT,
 )
 # Question words that carry no content for the lexical retriever.
-_SHARE_ADJECTIVE_P = 0.5
 _RETRIEVER_STOPWORDS = frozenset("in which was the of who or , ? a is by".split())
 
 
@@ -89,16 +92,15 @@ _RETRIEVER_STOPWORDS = frozenset("in which was the of who or , ? a is by".split(
 class SyntheticConfig:
     """Knobs of the generator; the defaults are the demo's benchmark.
 
-    ``family_size`` bounds the relatives per family document (the answer document alone then
-    gives a 1-in-family-size guess); ``review_probability`` is the chance that a bridge query
-    gets a same-title review document (the hardest lexical negative); ``retriever_noise`` is the
-    standard deviation of the Gaussian noise added to the word-overlap score.
+    Every family has two members, the eldest and the youngest (a family document is then 23 word
+    tokens with its title, inside the demo's ``doc_max_tokens`` of 24); ``review_probability`` is
+    the chance that a bridge query gets a same-title review document by a relative (the hardest
+    negative: same title, same family); ``retriever_noise`` is the standard deviation of the
+    Gaussian noise added to the word-overlap score.
     """
 
     n_candidates: int = 20
     bridge_fraction: float = 0.5
-    family_size_min: int = 2
-    family_size_max: int = 3
     first_name_lookalikes: int = 2
     distractor_works: int = 4
     review_probability: float = 0.5
@@ -108,11 +110,6 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.bridge_fraction <= 1.0:
             raise ValueError(f"SyntheticConfig.bridge_fraction must be in [0, 1], got {self.bridge_fraction}")
-        if not 1 <= self.family_size_min <= self.family_size_max <= 4:
-            raise ValueError(
-                "SyntheticConfig.family_size_min/max must satisfy 1 <= min <= max <= 4, got "
-                f"{self.family_size_min}/{self.family_size_max}"
-            )
         if not 0.0 <= self.review_probability <= 1.0:
             raise ValueError(f"SyntheticConfig.review_probability must be in [0, 1], got {self.review_probability}")
         if self.retriever_noise < 0:
@@ -170,31 +167,33 @@ class _QueryWorld:
         )
 
     def add_family(self, anchor: _Person | None = None) -> list[_Person]:
-        """The family of ``anchor`` (or of a new random person), padded with relatives whose
-        first names all differ: same last name, other cities and years."""
+        """The family of ``anchor`` (or of a new random person) with one relative: same last
+        name, another first name, city and birth year. Members are stored eldest first."""
         anchor = anchor if anchor is not None else self.person(self.rng.choice(FIRST_NAMES))
-        size = self.rng.randint(self.config.family_size_min, self.config.family_size_max)
-        relative_firsts = self.rng.sample([name for name in FIRST_NAMES if name != anchor.first], size - 1)
-        members = [anchor] + [
-            _Person(first, anchor.last, self.rng.choice(self.other_cities), self.rng.choice(YEARS))
-            for first in relative_firsts
-        ]
-        self.rng.shuffle(members)
+        relative = _Person(
+            self.rng.choice([name for name in FIRST_NAMES if name != anchor.first]),
+            anchor.last,
+            self.rng.choice(self.other_cities),
+            self.rng.choice([year for year in YEARS if year != anchor.year]),
+        )
+        members = sorted([anchor, relative], key=lambda person: int(person.year))
         self.families[anchor.last] = members
         return members
 
+    def rank(self, person: _Person) -> str:
+        """"eldest" or "youngest": how a work document names its author within the family."""
+        return RANKS[self.families[person.last].index(person)]
+
     def family_docs(self, supporting_last_names: set[str]) -> list[_Doc]:
-        return [
-            _Doc(
-                title=FAMILY_TITLE.format(last=last),
-                text=" ".join(
-                    PERSON_LINE.format(name=member.name, city=member.city, year=member.year) for member in members
-                ),
-                kind="family",
-                is_supporting=last in supporting_last_names,
-            )
-            for last, members in self.families.items()
-        ]
+        docs = []
+        for last, members in self.families.items():
+            lines = [
+                PERSON_LINE.format(rank=rank, name=member.name, city=member.city, year=member.year)
+                for rank, member in zip(RANKS, members)
+            ]
+            self.rng.shuffle(lines)  # so the line order does not tell the rank
+            docs.append(_Doc(FAMILY_TITLE.format(last=last), " ".join(lines), "family", last in supporting_last_names))
+        return docs
 
     def people(self) -> list[_Person]:
         return [member for members in self.families.values() for member in members]
@@ -211,7 +210,7 @@ def _lookalike_title(rng: random.Random, work: str, exclude: set[str]) -> str:
     """A title sharing exactly one word with ``work`` (same adjective or same noun)."""
     adjective, noun = work.split()
     while True:
-        if rng.random() < _SHARE_ADJECTIVE_P:
+        if rng.random() < 0.5:
             title = f"{adjective} {rng.choice(TITLE_NOUNS)}"
         else:
             title = f"{rng.choice(TITLE_ADJECTIVES)} {noun}"
@@ -219,8 +218,9 @@ def _lookalike_title(rng: random.Random, work: str, exclude: set[str]) -> str:
             return title
 
 
-def _work_doc(work: str, genre: str, author: _Person, supporting: bool = False) -> _Doc:
-    return _Doc(work, WORK_TEXT.format(work=work, genre=genre, author=author.name), "work", supporting)
+def _work_doc(world: _QueryWorld, work: str, genre: str, author: _Person, supporting: bool = False) -> _Doc:
+    text = WORK_TEXT.format(work=work, genre=genre, rank=world.rank(author), last=author.last)
+    return _Doc(work, text, "work", supporting)
 
 
 def _wording_docs(world: _QueryWorld, count: int) -> list[_Doc]:
@@ -240,7 +240,7 @@ def _fill_with_random_docs(world: _QueryWorld, docs: list[_Doc], n_candidates: i
             authors = [person for person in world.people() if person.name not in forbidden_authors]
             title = _random_title(world.rng, titles)
             titles.add(title)
-            docs.append(_work_doc(title, world.rng.choice(GENRES), world.rng.choice(authors)))
+            docs.append(_work_doc(world, title, world.rng.choice(GENRES), world.rng.choice(authors)))
 
 
 def _bridge_docs(rng: random.Random, config: SyntheticConfig) -> tuple[str, str, list[_Doc]]:
@@ -253,21 +253,23 @@ def _bridge_docs(rng: random.Random, config: SyntheticConfig) -> tuple[str, str,
         world.add_family(lookalike)
     work = _random_title(rng, set())
     genre = rng.choice(GENRES)
-    docs = [_work_doc(work, genre, author, supporting=True)]
-    # Complete but wrong chains: works whose title shares a word, by relatives or lookalikes.
+    docs = [_work_doc(world, work, genre, author, supporting=True)]
+    # Complete but wrong chains: works whose title shares a word, by the relative (same family,
+    # other rank) or by lookalikes (same first name, other family).
     wrong_authors = relatives + lookalikes
     titles = {work}
     for _ in range(config.distractor_works):
         title = _lookalike_title(rng, work, titles)
         titles.add(title)
-        docs.append(_work_doc(title, rng.choice(GENRES), rng.choice(wrong_authors)))
+        docs.append(_work_doc(world, title, rng.choice(GENRES), rng.choice(wrong_authors)))
     if rng.random() < config.review_probability:
-        reviewer = rng.choice(wrong_authors)
-        docs.append(_Doc(work, REVIEW_TEXT.format(work=work, genre=genre, reviewer=reviewer.name), "review"))
+        reviewer = relatives[0]  # same title and family as the gold work document, the other rank
+        text = REVIEW_TEXT.format(work=work, genre=genre, rank=world.rank(reviewer), last=reviewer.last)
+        docs.append(_Doc(work, text, "review"))
     docs += _wording_docs(world, config.wording_docs)
     _fill_with_random_docs(world, docs, config.n_candidates, forbidden_authors=set())
     docs += world.family_docs(supporting_last_names={author.last})
-    return BRIDGE_QUESTION.format(work=work), answer_city, docs
+    return BRIDGE_QUESTION.format(work=work, last=author.last), answer_city, docs
 
 
 def _comparison_docs(rng: random.Random, config: SyntheticConfig) -> tuple[str, str, list[_Doc]]:
@@ -373,7 +375,7 @@ def synthetic_vocabulary() -> list[str]:
     :func:`grerank_dist.tokenization.build_word_tokenizer`.
     """
     template_words = {word for template in _TEMPLATES for word in template.split() if not word.startswith("{")}
-    pools = (FIRST_NAMES, LAST_NAMES, CITIES, TITLE_ADJECTIVES, TITLE_NOUNS, GENRES, YEARS)
+    pools = (FIRST_NAMES, LAST_NAMES, CITIES, TITLE_ADJECTIVES, TITLE_NOUNS, GENRES, YEARS, RANKS)
     return sorted(template_words.union(*pools))
 
 
@@ -386,6 +388,7 @@ def _check_pools_are_disjoint() -> None:
         "TITLE_ADJECTIVES": TITLE_ADJECTIVES,
         "TITLE_NOUNS": TITLE_NOUNS,
         "GENRES": GENRES,
+        "RANKS": RANKS,
     }
     template_words = {word for template in _TEMPLATES for word in template.split() if not word.startswith("{")}
     seen: dict[str, str] = {word: "templates" for word in template_words}

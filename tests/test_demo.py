@@ -15,7 +15,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     check(result)
     for name in ("results.md", "summary.json", "retrieval_over_training.png", "mask_weight_over_training.png",
                  "data/train.jsonl", "data/test.jsonl", "reader/config.json", "initial_reranker/model.safetensors",
-                 "train/reranker/model.safetensors", "train/metrics.jsonl"):
+                 "train/reranker/model.safetensors", "train/metrics.jsonl", "data/reader.jsonl"):
         assert (out / name).is_file(), name
     for setting in ("reranker", "generator", "mining"):
         metrics = json.loads((out / "eval" / setting / "metrics.json").read_text())
@@ -27,3 +27,27 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     assert [point["step"] for point in summary["history"]] == [0, 2, 4]
     assert (out / "results.md").read_text().startswith("# G-Rerank demo")
     assert Path(out / "retrieval_over_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_report(tmp_path):
+    out, report = tmp_path / "runs", tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_synthetic.py"), "--quick", "--seeds", "0",
+                             "--out", str(out), "--write", str(report), "--threads", "1"],
+                            capture_output=True, text=True, timeout=900, env=clean_env(), cwd=ROOT)
+    check(result)
+    text = report.read_text()
+    for row in ("| retriever |", "| initial |", "| g-rerank |", "| no-gumbel |", "| gold-labels |", "| oracle |"):
+        assert row in text, row
+    assert "--quick" in text  # the exact command that produced the report
+    seed_runs = out / "seed0"
+    assert (seed_runs / "g-rerank" / "reader" / "config.json").is_file()
+    for method in ("no-gumbel", "gold-labels"):  # trained from the first run's frozen reader
+        assert not (seed_runs / method / "reader").exists()
+        config = json.loads((seed_runs / method / "train" / "train_config.json").read_text())
+        assert config["generator"]["path"] == str(seed_runs / "g-rerank" / "reader")
+        metrics = json.loads((seed_runs / method / "eval" / "reranker" / "metrics.json").read_text())
+        assert set(metrics["methods"]) == {"initial", method, "retriever", "oracle"}
+    no_gumbel = json.loads((seed_runs / "no-gumbel" / "train" / "train_config.json").read_text())
+    assert no_gumbel["relax"]["noise"] is False
+    gold = json.loads((seed_runs / "gold-labels" / "train" / "train_config.json").read_text())
+    assert gold["train"]["objective"] == "gold_labels"

@@ -13,10 +13,10 @@ from grerank_dist.data import read_records
 from grerank_dist.synthetic import generate_records, synthetic_vocabulary, write_synthetic_splits
 from grerank_dist.tokenization import build_word_tokenizer
 
-BRIDGE_Q = re.compile(r"^in which city was the author of (\w+ \w+) born \?$")
+BRIDGE_Q = re.compile(r"^in which city was the author of (\w+ \w+) , of the (\w+) family , born \?$")
 COMPARISON_Q = re.compile(r"^who was born first , (\w+ \w+) or (\w+ \w+) \?$")
-WORK_DOC = re.compile(r"^(\w+ \w+) is a \w+ written by (\w+ \w+) \.$")
-PERSON_LINE = re.compile(r"(\w+ \w+) was born in (\w+) in (\d{4}) \.")
+WORK_DOC = re.compile(r"^(\w+ \w+) is a \w+ written by the (eldest|youngest) (\w+) \.$")
+PERSON_LINE = re.compile(r"(eldest|youngest) (\w+ (\w+)) was born in (\w+) in (\d{4}) \.")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,18 @@ def _contains_phrase(text: str, phrase: str) -> bool:
 
 
 def _person_lines(ctx: dict) -> list[tuple[str, str, str]]:
-    return PERSON_LINE.findall(ctx["text"])
+    """(name, city, year) of every person line, checking that "eldest" is born before "youngest"."""
+    lines = PERSON_LINE.findall(ctx["text"])
+    years = {rank: int(year) for rank, _, _, _, year in lines}
+    if len(years) == 2:
+        assert years["eldest"] < years["youngest"], ctx["text"]
+    return [(name, city, year) for _, name, _, city, year in lines]
+
+
+def _ranked_person(ctx: dict, rank: str, last: str) -> tuple[str, str] | None:
+    """(name, city) of the person of ``rank`` in family ``last`` if ``ctx`` lists them."""
+    hits = [(name, city) for r, name, family, city, _ in PERSON_LINE.findall(ctx["text"]) if (r, family) == (rank, last)]
+    return hits[0] if hits else None
 
 
 def _solve_from_text(record: dict) -> tuple[str, set[int]]:
@@ -37,11 +48,12 @@ def _solve_from_text(record: dict) -> tuple[str, set[int]]:
     ctxs = record["ctxs"]
     bridge = BRIDGE_Q.match(record["question"])
     if bridge:
-        work = bridge.group(1)
+        work, family = bridge.groups()
         work_docs = [i for i, c in enumerate(ctxs) if (m := WORK_DOC.match(c["text"])) and m.group(1) == work]
         assert len(work_docs) == 1, record["id"]
-        author = WORK_DOC.match(ctxs[work_docs[0]]["text"]).group(2)
-        births = [(i, city) for i, c in enumerate(ctxs) for name, city, _ in _person_lines(c) if name == author]
+        _, rank, last = WORK_DOC.match(ctxs[work_docs[0]]["text"]).groups()
+        assert last == family, record["id"]
+        births = [(i, hit[1]) for i, c in enumerate(ctxs) if (hit := _ranked_person(c, rank, last))]
         assert len(births) == 1, record["id"]
         return births[0][1], {work_docs[0], births[0][0]}
     comparison = COMPARISON_Q.match(record["question"])
@@ -92,14 +104,16 @@ def test_every_question_is_answerable_from_its_gold_documents_and_flags_match(re
 
 
 def test_gold_answer_document_alone_is_ambiguous_and_lookalikes_exist(records: list[dict]) -> None:
-    """The answer document lists relatives (so the bridge is needed) and people sharing the
-    asked first name live in other documents (so copying a city or year is usually wrong)."""
+    """The answer document lists two relatives (so the bridge document's rank is needed) and
+    people sharing the asked first name live in other documents (so copying a city or year is
+    usually wrong); the question names the family, and a work with the same title by the other
+    family member may be there as a review."""
     answer_share_of_person_lines = []
     for record in records:
         answer, gold = _solve_from_text(record)
         answer_doc = next(i for i in gold if record["ctxs"][i]["has_answer"])
         lines = _person_lines(record["ctxs"][answer_doc])
-        assert len(lines) >= 2
+        assert len(lines) == 2
         assert len({last for last in (name.split()[1] for name, _, _ in lines)}) == 1  # one family
         asked = [name for name, city, _ in lines if city == answer or name == answer]
         if record["type"] == "bridge":
@@ -113,8 +127,10 @@ def test_gold_answer_document_alone_is_ambiguous_and_lookalikes_exist(records: l
         assert lookalike_docs, record["id"]
         if record["type"] == "bridge":
             all_lines = [line for c in record["ctxs"] for line in _person_lines(c)]
-            answer_share_of_person_lines.append(sum(city == answer for _, city, _ in all_lines) / len(all_lines))
-    assert max(answer_share_of_person_lines) < 0.1
+            assert sum(city == answer for _, city, _ in all_lines) == 1
+            answer_share_of_person_lines.append(1 / len(all_lines))
+    # a reader copying the city of a random person line is wrong at least 7 times in 8
+    assert max(answer_share_of_person_lines) <= 1 / 8
 
 
 def test_retriever_order_is_an_imperfect_baseline(records: list[dict]) -> None:

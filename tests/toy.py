@@ -42,8 +42,11 @@ def train_toy_reader(records: list[dict], out_dir, steps: int = 500, seed: int =
     from pathlib import Path
 
     from grerank_dist.config import load_config
-    from grerank_dist.demo import train_reader
+    from grerank_dist.reader import ReaderConfig, build_reader_tokenizer, train_reader
 
     config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=12", "data.answer_eos=true",
                                 "data.doc_template='{title} : {text}'", "data.prompt_template='question : {question} answer :'"])
-    return str(train_reader(records, config, Path(out_dir), steps, seed))
+    reader = ReaderConfig(steps=steps, seed=seed, encoder_layers=2, learning_rate=3e-3, warmup_steps=0,
+                          all_candidates_fraction=1.0)
+    tokenizer = build_reader_tokenizer(records, config.data)
+    return str(train_reader(records, tokenizer, reader, Path(out_dir), data=config.data, log_every=10**9))
