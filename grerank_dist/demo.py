@@ -39,7 +39,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 # reader gets its own, larger split: on 3,000 queries a tiny reader memorises the training
 # answers instead of learning to read the two hops.
 FULL = {"splits": {"reader": 48000, "train": 3000, "dev": 200, "test": 400}, "reader_steps": 1500,
-        "rerank_steps": 300, "mining": 400}
+        "rerank_steps": 1000, "mining": 400}
 QUICK = {"splits": {"reader": 96, "train": 96, "dev": 32, "test": 32}, "reader_steps": 4, "rerank_steps": 4,
          "mining": 32}
 

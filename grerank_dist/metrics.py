@@ -438,6 +438,8 @@ def _display_name(key: str) -> str:
 def _format_cell(value: Any, percent: bool, digits: int) -> str:
     if value is None:
         return "–"
+    if isinstance(value, str):  # already formatted (e.g. "mean ± std" over seeds)
+        return value
     if isinstance(value, (bool, int)):
         return str(int(value))
     return f"{value * 100 if percent else value:.{digits}f}"
