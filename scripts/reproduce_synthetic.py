@@ -70,7 +70,7 @@ def run_seed(seed: int, out: Path, threads: int, quick: bool = False) -> dict[st
 
 
 def mean_and_spread(per_seed: list[dict[str, Any]], method: str) -> dict[str, str]:
-    """``mean ± std`` (percent, sample std over seeds) for each column."""
+    """``mean ± std`` (percent, sample std over seeds) for each column; the mean alone for one seed."""
     cells = {}
     for column in COLUMNS:
         values = [seed_rows[method].get(column) for seed_rows in per_seed]
@@ -79,8 +79,7 @@ def mean_and_spread(per_seed: list[dict[str, Any]], method: str) -> dict[str, st
             cells[column] = None
             continue
         mean = 100 * statistics.fmean(values)
-        spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-        cells[column] = f"{mean:.1f} ± {spread:.1f}"
+        cells[column] = f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
     return cells
 
 
@@ -101,7 +100,7 @@ Produced by
     {command}
 
 on a 2-core CPU machine. Test split, reranker setting; values in percent, mean ± sample standard
-deviation over seeds {", ".join(map(str, seeds))}. `Indirect Recall@2`: the share of the
+deviation over seeds {", ".join(map(str, seeds))} (one seed: the value alone). `Indirect Recall@2`: the share of the
 indirectly relevant gold documents (supporting documents without the answer, App. E) ranked in
 the top 2; per question type for bridge (the work document) and comparison (the family document
 of the later-born person). `Final Mean Max Weight`: the last logged mean over queries of
@@ -132,7 +131,7 @@ def main() -> int:
         per_seed.append(run_seed(seed, args.out, args.threads, args.quick))
         (args.out / "per_seed.json").write_text(json.dumps(per_seed, indent=2))
     command = "python scripts/reproduce_synthetic.py " + shlex.join(
-        ["--seeds", *map(str, args.seeds), "--out", str(args.out), "--threads", str(args.threads)]
+        ["--seeds", *map(str, args.seeds), "--out", str(args.out), "--write", str(args.write), "--threads", str(args.threads)]
         + (["--quick"] if args.quick else []))
     print(write_results(args.write, args.seeds, per_seed, command), flush=True)
     return 0
