@@ -28,7 +28,7 @@ from grerank_dist.metrics import metrics_table_markdown
 from grerank_dist.plots import plot_mask_weight, plot_metric_history
 from grerank_dist.reader import REPORT_CONDITIONS, ReaderConfig, build_reader_tokenizer, load_reader, reader_report, train_reader
 from grerank_dist.reranker import export_reranker, tiny_reranker
-from grerank_dist.synthetic import write_synthetic_splits
+from grerank_dist.synthetic import generate_records, split_seed, write_synthetic_splits
 from grerank_dist.tracking import read_metrics
 from grerank_dist.train import train
 
@@ -38,9 +38,10 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 # Sizes: the full demo (about 10 minutes on 2 cores) and a quick pass through every stage. The
 # reader gets its own, larger split: on 3,000 queries a tiny reader memorises the training
 # answers instead of learning to read the two hops.
-FULL = {"splits": {"reader": 48000, "train": 3000, "dev": 200, "test": 400}, "reader_steps": 1500,
+# That split is generated in memory (about 200 MB as JSON lines); it is reproducible from the seed.
+FULL = {"splits": {"train": 3000, "dev": 200, "test": 400}, "reader_queries": 48000, "reader_steps": 1500,
         "rerank_steps": 1000, "mining": 400}
-QUICK = {"splits": {"reader": 96, "train": 96, "dev": 32, "test": 32}, "reader_steps": 4, "rerank_steps": 4,
+QUICK = {"splits": {"train": 96, "dev": 32, "test": 32}, "reader_queries": 96, "reader_steps": 4, "rerank_steps": 4,
          "mining": 32}
 
 
@@ -96,7 +97,7 @@ def run_demo(
     test_records, _ = read_records(splits["test"], config.data.n_candidates)
     if reader is None:
         t = _stage("2/5 reader: train the tiny CEPE generator, then freeze it")
-        reader_records, _ = read_records(splits["reader"], config.data.n_candidates)
+        reader_records = generate_records(sizes["reader_queries"], split_seed(seed, "reader"))
         reader_config = ReaderConfig(steps=sizes["reader_steps"], seed=seed)
         # the synthetic vocabulary covers every split, so the train split's texts suffice here
         reader = train_reader(reader_records, build_reader_tokenizer(records, config.data), reader_config,

@@ -15,7 +15,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     check(result)
     for name in ("results.md", "summary.json", "retrieval_over_training.png", "mask_weight_over_training.png",
                  "data/train.jsonl", "data/test.jsonl", "reader/config.json", "initial_reranker/model.safetensors",
-                 "train/reranker/model.safetensors", "train/metrics.jsonl", "data/reader.jsonl"):
+                 "train/reranker/model.safetensors", "train/metrics.jsonl"):
         assert (out / name).is_file(), name
     for setting in ("reranker", "generator", "mining"):
         metrics = json.loads((out / "eval" / setting / "metrics.json").read_text())
