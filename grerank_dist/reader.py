@@ -160,9 +160,9 @@ def sample_view(record: dict[str, Any], rng: random.Random, max_negatives: int) 
     return {**record, "ctxs": [record["ctxs"][i] for i in chosen]}
 
 
-def _log_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Hard mask: 0 on real candidates, -inf on padding (the generator's exact document removal)."""
-    return torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))
+def _log_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Hard mask: 0 on kept candidates, -inf on the others (the generator's exact document removal)."""
+    return torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
 
 
 def _learning_rate_factor(step: int, config: ReaderConfig, total_steps: int) -> float:
@@ -274,7 +274,7 @@ def _condition_masks(record: dict[str, Any], n: int) -> torch.Tensor:
     keep = torch.zeros(len(rows), n, dtype=torch.bool)
     for j, row in enumerate(rows):
         keep[j, : len(row)] = torch.tensor(row, dtype=torch.bool)
-    return torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    return _log_mask(keep)
 
 
 def _decode(tokenizer: Any, token_ids: torch.Tensor) -> str:
