@@ -177,6 +177,7 @@ class Batch:
     reranker_inputs: dict[str, torch.Tensor]  # each [B*n, Lr]
     valid: torch.Tensor  # [B, n] bool: real candidates
     relevant: torch.Tensor  # [B, n] bool: gold labels (metrics.gold_labels); only the gold-label reference trains on them
+    retriever_scores: torch.Tensor  # [B, n] float: the first-stage retriever's scores, NaN where a candidate has none
     encoder_input_ids: torch.Tensor  # [B, n, L], left-padded
     encoder_attention_mask: torch.Tensor  # [B, n, L]
     input_ids: torch.Tensor  # [B, S] prompt + answer, right-padded
@@ -193,6 +194,7 @@ class Batch:
             for name in (
                 "valid",
                 "relevant",
+                "retriever_scores",
                 "encoder_input_ids",
                 "encoder_attention_mask",
                 "input_ids",
@@ -290,6 +292,7 @@ class Collator:
             reranker_inputs=rr,
             valid=valid,
             relevant=relevance_mask(records, n),
+            retriever_scores=retriever_score_matrix(records, n),
             encoder_input_ids=enc.view(bsz, n, -1),
             encoder_attention_mask=enc_mask.view(bsz, n, -1),
             input_ids=_pad(full_rows, self.gen_pad, left=False),
@@ -336,6 +339,16 @@ def relevance_mask(records: list[dict[str, Any]], n: int) -> torch.Tensor:
         labels = gold_labels(record)[0][:n]
         relevant[b, : len(labels)] = torch.tensor(labels, dtype=torch.bool)
     return relevant
+
+
+def retriever_score_matrix(records: list[dict[str, Any]], n: int) -> torch.Tensor:
+    """[B, n] the candidates' ``score`` fields (the retriever's), NaN where absent or padded."""
+    scores = torch.full((len(records), n), float("nan"))
+    for b, record in enumerate(records):
+        for i, ctx in enumerate(record["ctxs"][:n]):
+            if ctx.get("score") is not None:
+                scores[b, i] = float(ctx["score"])
+    return scores
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -70,9 +70,41 @@ def gold_label_loss(
     return ObjectiveOutput(loss=per_query.mean(), mean_max_weight=weights_max, mean_max_mask=weights_max)
 
 
+def retriever_distillation_loss(
+    generator: ParallelContextGenerator,
+    contexts: EncodedContexts,
+    batch: Batch,
+    scores: torch.Tensor,
+    relax: RelaxConfig,
+    noise: torch.Generator | None,
+) -> ObjectiveOutput:
+    """Weak start (not a G-Rerank variant): the reranker learns the retriever's ranking, the
+    listwise cross-entropy -sum_i softmax(r)_i log softmax(scores)_i over the real candidates,
+    r the candidates' ``score`` fields. It gives a random cross-encoder the lexical matching a
+    pretrained reranker starts with, so that G-Rerank's top-k masks hold the gold documents
+    often enough for the answer loss to tell them apart; the generator is not consulted."""
+    retriever = batch.retriever_scores
+    missing = batch.valid & torch.isnan(retriever)
+    if missing.any():
+        b, i = (int(x) for x in missing.nonzero()[0])
+        raise ValueError(
+            f"train.objective=retriever_distillation needs a 'score' on every candidate; record "
+            f"{batch.record_ids[b]} of the training file has none on ctxs[{i}]"
+        )
+    target = torch.softmax(retriever.masked_fill(~batch.valid, -torch.inf), dim=-1)
+    log_probs = torch.log_softmax(scores.masked_fill(~batch.valid, -torch.inf), dim=-1)
+    loss = -(target * log_probs.masked_fill(~batch.valid, 0.0)).sum(-1).mean()
+    weights_max = _mean_max_weight(scores, batch.valid, relax)
+    return ObjectiveOutput(loss=loss, mean_max_weight=weights_max, mean_max_mask=weights_max)
+
+
 def _mean_max_weight(scores: torch.Tensor, valid: torch.Tensor, relax: RelaxConfig) -> torch.Tensor:
     weights = torch.softmax((relax.kappa * scores.detach() / relax.tau).masked_fill(~valid, -torch.inf), dim=-1)
     return weights.max(dim=-1).values.mean()
 
 
-OBJECTIVES = {"grerank": grerank_loss, "gold_labels": gold_label_loss}
+OBJECTIVES = {
+    "grerank": grerank_loss,
+    "gold_labels": gold_label_loss,
+    "retriever_distillation": retriever_distillation_loss,
+}

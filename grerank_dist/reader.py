@@ -7,9 +7,12 @@ G-Rerank can only credit a document the reader *uses*; a reader that copies a ci
 birth document gives the bridge document no signal. So the recipe here is built against that
 shortcut (DESIGN section 8):
 
-* every step shows either all candidates or a sampled subset (the gold documents plus a few
-  negatives, chosen preferably among lookalikes that share words with the gold documents), so the
-  reader meets the evidence at the sizes a top-k mask gives it and also among every distractor;
+* a curriculum: the first ``gold_only_fraction`` of the steps show only the gold documents, so
+  the reader learns to combine the two before it must find them; every later step shows either
+  all candidates or a sampled subset (the gold documents plus a few negatives, chosen preferably
+  among lookalikes that share words with the gold documents), so the reader meets the evidence at
+  the sizes a top-k mask gives it and also among every distractor. Without the first phase the
+  tiny reader settled on copying a city from the answer document and never used the other one;
 * the encoder's and the output embeddings start as copies of the decoder's (same vocabulary):
   matching a question word to a document word and copying a document word to the output are then
   generic circuits at initialisation instead of one association per entity to learn;
@@ -52,8 +55,9 @@ class ReaderConfig:
     """Sizes and training recipe of the reader. Defaults: the CPU demo (about 3 minutes on 2 cores).
 
     The encoder is as wide as the decoder so its embeddings can start as a copy of the decoder's.
-    ``all_candidates_fraction`` of the steps show every candidate; the others show the gold
-    documents plus 0..``subset_max_negatives`` negatives.
+    The first ``gold_only_fraction`` of the steps show only the gold documents; of the later
+    steps, ``all_candidates_fraction`` show every candidate and the others the gold documents
+    plus 0..``subset_max_negatives`` negatives.
     """
 
     hidden_size: int = 64
@@ -61,12 +65,13 @@ class ReaderConfig:
     encoder_layers: int = 1
     decoder_layers: int = 2
     attention_heads: int = 4
-    steps: int = 1500
+    steps: int = 3500
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    gold_only_fraction: float = 0.6
     all_candidates_fraction: float = 0.25
     subset_max_negatives: int = 3
     align_embeddings: bool = True
@@ -80,8 +85,9 @@ class ReaderConfig:
             raise ValueError(
                 f"ReaderConfig.hidden_size={self.hidden_size} must be a multiple of attention_heads={self.attention_heads}"
             )
-        if not 0.0 <= self.all_candidates_fraction <= 1.0:
-            raise ValueError(f"ReaderConfig.all_candidates_fraction must be in [0, 1], got {self.all_candidates_fraction}")
+        for name in ("gold_only_fraction", "all_candidates_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ReaderConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.steps < 0 or self.subset_max_negatives < 0 or self.warmup_steps < 0:
             raise ValueError("ReaderConfig.steps, subset_max_negatives and warmup_steps must be >= 0")
 
@@ -188,9 +194,11 @@ def fit_reader(
     if not records:
         raise ValueError("fit_reader needs at least one training record")
     n_all = max(len(r["ctxs"]) for r in records)
-    subset_size = max(len(_gold_positions(r)) for r in records) + config.subset_max_negatives
-    collate_all = Collator(dataclasses.replace(data, n_candidates=n_all), tokenizer, None, 0, seed=config.seed)
-    collate_subset = Collator(dataclasses.replace(data, n_candidates=subset_size), tokenizer, None, 0, seed=config.seed)
+    n_gold = max(len(_gold_positions(r)) for r in records)
+    collators = {
+        size: Collator(dataclasses.replace(data, n_candidates=size), tokenizer, None, 0, seed=config.seed)
+        for size in (n_all, n_gold, n_gold + config.subset_max_negatives)
+    }
 
     model = build_reader(tokenizer, config)
     model.requires_grad_(True)
@@ -203,11 +211,13 @@ def fit_reader(
     started = time.perf_counter()
     for step in range(total_steps):
         ids = [rng.randrange(len(records)) for _ in range(config.batch_size)]
-        if rng.random() < config.all_candidates_fraction:
-            batch = collate_all([records[i] for i in ids], ids)
+        gold_only = step < config.gold_only_fraction * total_steps
+        if not gold_only and rng.random() < config.all_candidates_fraction:
+            batch = collators[n_all]([records[i] for i in ids], ids)
         else:
-            views = [sample_view(records[i], rng, config.subset_max_negatives) for i in ids]
-            batch = collate_subset(views, ids)
+            max_negatives = 0 if gold_only else config.subset_max_negatives
+            views = [sample_view(records[i], rng, max_negatives) for i in ids]
+            batch = collators[n_gold + max_negatives](views, ids)
         loss = model(
             batch.input_ids,
             batch.attention_mask,

@@ -5,17 +5,21 @@ documents (gold documents that do not contain the answer). That only works if th
 needs both hops, so the world is built to defeat every shortcut:
 
 * bridge questions ("in which city was the author of <work> , of the <last> family , born ?"):
-  the work document says which member of the family wrote it ("written by the eldest berg";
-  supporting, no answer); the family document lists the eldest and the youngest member with
-  their birth cities and years, so the answer document alone leaves a coin flip and only the
-  work document settles it. The question names the family, so a reranker that reads one
-  document at a time can recognise both gold documents; the hop is in what the reader must do;
+  the family document lists the family's two members with their birth cities and years, so the
+  answer document alone leaves a coin flip; the work document names the family and a city the
+  author was *not* born in ("<work> is a novel by a berg whose birthplace is not oslo ."; supporting,
+  no answer), which settles it. The question names the family, so a reranker that reads one
+  document at a time can recognise both gold documents; the hop is in what the reader must do.
+  The link is an exclusion rather than an entity chain ("written by the youngest berg") because
+  the demo's tiny reader did not learn to chain entities across documents within a CPU budget
+  (docs/RESULTS.md lists what was tried), while it learns the exclusion in a few thousand steps;
 * comparison questions ("who was born first , <A> or <B> ?"): the two family documents that hold
   A's and B's birth years; telling which is earlier needs both years;
 * hard negatives: first-name lookalikes of the people asked about (other families), works whose
-  titles share a word with the asked work (by the other family member or by lookalikes, so a
-  complete but wrong chain exists), a review of the asked work by the other family member (same
-  title, same family, other rank), documents sharing the question's wording, random documents;
+  titles share a word with the asked work (by lookalikes, so a complete but wrong exclusion
+  exists), a review of the asked work by the other family member (same title, same family, an
+  exclusion that does not concern the author), documents sharing the question's wording, random
+  documents;
 * every query draws a fresh combination of names, cities, years and titles from fixed pools, so no
   fact is shared across queries: a reader cannot memorise the world, it must read;
 * a lexical retriever score with noise orders the candidates, an imperfect baseline that often
@@ -68,10 +72,9 @@ YEARS = tuple(str(year) for year in range(1900, 2000))
 
 BRIDGE_QUESTION = "in which city was the author of {work} , of the {last} family , born ?"
 COMPARISON_QUESTION = "who was born first , {first} or {second} ?"
-WORK_TEXT = "{work} is a {genre} written by the {rank} {last} ."
-REVIEW_TEXT = "{work} is a {genre} reviewed by the {rank} {last} ."
-PERSON_LINE = "{rank} {name} was born in {city} in {year} ."
-RANKS = ("eldest", "youngest")  # family members, in order of birth
+WORK_TEXT = "{work} is a {genre} by a {last} whose birthplace is not {city} ."
+REVIEW_TEXT = "{work} is a {genre} reviewed by a {last} whose birthplace is not {city} ."
+PERSON_LINE = "{name} was born in {city} in {year} ."
 FAMILY_TITLE = "{last} family"
 CITY_WORDING_TEXT = "{city} is a city where many authors were born ."
 CITY_WORDING_TITLE = "{city}"
@@ -180,18 +183,17 @@ class _QueryWorld:
         self.families[anchor.last] = members
         return members
 
-    def rank(self, person: _Person) -> str:
-        """"eldest" or "youngest": how a work document names its author within the family."""
-        return RANKS[self.families[person.last].index(person)]
+    def relative(self, person: _Person) -> _Person:
+        """The other member of ``person``'s family."""
+        return next(member for member in self.families[person.last] if member != person)
 
     def family_docs(self, supporting_last_names: set[str]) -> list[_Doc]:
         docs = []
         for last, members in self.families.items():
             lines = [
-                PERSON_LINE.format(rank=rank, name=member.name, city=member.city, year=member.year)
-                for rank, member in zip(RANKS, members)
+                PERSON_LINE.format(name=member.name, city=member.city, year=member.year) for member in members
             ]
-            self.rng.shuffle(lines)  # so the line order does not tell the rank
+            self.rng.shuffle(lines)  # so the line order does not tell who was born first
             docs.append(_Doc(FAMILY_TITLE.format(last=last), " ".join(lines), "family", last in supporting_last_names))
         return docs
 
@@ -219,7 +221,7 @@ def _lookalike_title(rng: random.Random, work: str, exclude: set[str]) -> str:
 
 
 def _work_doc(world: _QueryWorld, work: str, genre: str, author: _Person, supporting: bool = False) -> _Doc:
-    text = WORK_TEXT.format(work=work, genre=genre, rank=world.rank(author), last=author.last)
+    text = WORK_TEXT.format(work=work, genre=genre, last=author.last, city=world.relative(author).city)
     return _Doc(work, text, "work", supporting)
 
 
@@ -247,27 +249,29 @@ def _bridge_docs(rng: random.Random, config: SyntheticConfig) -> tuple[str, str,
     answer_city = rng.choice(CITIES)
     world = _QueryWorld(rng, config, reserved_city=answer_city)
     author = world.person(rng.choice(FIRST_NAMES), city=answer_city)
-    relatives = [person for person in world.add_family(author) if person != author]
+    world.add_family(author)
+    relative = world.relative(author)
     lookalikes = [world.person(author.first) for _ in range(config.first_name_lookalikes)]
     for lookalike in lookalikes:
         world.add_family(lookalike)
     work = _random_title(rng, set())
     genre = rng.choice(GENRES)
     docs = [_work_doc(world, work, genre, author, supporting=True)]
-    # Complete but wrong chains: works whose title shares a word, by the relative (same family,
-    # other rank) or by lookalikes (same first name, other family).
-    wrong_authors = relatives + lookalikes
+    # Complete but wrong exclusions: works whose title shares a word, by lookalikes (same first
+    # name, other family). Nothing the relative wrote is among the candidates: its exclusion
+    # would name the answer city.
     titles = {work}
     for _ in range(config.distractor_works):
         title = _lookalike_title(rng, work, titles)
         titles.add(title)
-        docs.append(_work_doc(world, title, rng.choice(GENRES), rng.choice(wrong_authors)))
+        docs.append(_work_doc(world, title, rng.choice(GENRES), rng.choice(lookalikes)))
     if rng.random() < config.review_probability:
-        reviewer = relatives[0]  # same title and family as the gold work document, the other rank
-        text = REVIEW_TEXT.format(work=work, genre=genre, rank=world.rank(reviewer), last=reviewer.last)
+        # same title and family as the gold work document; its exclusion concerns the reviewer
+        city = world.rng.choice([c for c in world.other_cities if c != relative.city])
+        text = REVIEW_TEXT.format(work=work, genre=genre, last=relative.last, city=city)
         docs.append(_Doc(work, text, "review"))
     docs += _wording_docs(world, config.wording_docs)
-    _fill_with_random_docs(world, docs, config.n_candidates, forbidden_authors=set())
+    _fill_with_random_docs(world, docs, config.n_candidates, forbidden_authors={relative.name})
     docs += world.family_docs(supporting_last_names={author.last})
     return BRIDGE_QUESTION.format(work=work, last=author.last), answer_city, docs
 
@@ -375,7 +379,7 @@ def synthetic_vocabulary() -> list[str]:
     :func:`grerank_dist.tokenization.build_word_tokenizer`.
     """
     template_words = {word for template in _TEMPLATES for word in template.split() if not word.startswith("{")}
-    pools = (FIRST_NAMES, LAST_NAMES, CITIES, TITLE_ADJECTIVES, TITLE_NOUNS, GENRES, YEARS, RANKS)
+    pools = (FIRST_NAMES, LAST_NAMES, CITIES, TITLE_ADJECTIVES, TITLE_NOUNS, GENRES, YEARS)
     return sorted(template_words.union(*pools))
 
 
@@ -388,7 +392,6 @@ def _check_pools_are_disjoint() -> None:
         "TITLE_ADJECTIVES": TITLE_ADJECTIVES,
         "TITLE_NOUNS": TITLE_NOUNS,
         "GENRES": GENRES,
-        "RANKS": RANKS,
     }
     template_words = {word for template in _TEMPLATES for word in template.split() if not word.startswith("{")}
     seen: dict[str, str] = {word: "templates" for word in template_words}

@@ -14,7 +14,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
                             capture_output=True, text=True, timeout=600, env=clean_env(), cwd=ROOT)
     check(result)
     for name in ("results.md", "summary.json", "retrieval_over_training.png", "mask_weight_over_training.png",
-                 "data/train.jsonl", "data/test.jsonl", "reader/config.json", "initial_reranker/model.safetensors",
+                 "data/train.jsonl", "data/test.jsonl", "reader/config.json", "random_reranker/model.safetensors", "weak_start/reranker/model.safetensors",
                  "train/reranker/model.safetensors", "train/metrics.jsonl"):
         assert (out / name).is_file(), name
     for setting in ("reranker", "generator", "mining"):

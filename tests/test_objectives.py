@@ -5,14 +5,18 @@ import math
 import torch
 
 from grerank_dist.config import RelaxConfig
-from grerank_dist.data import relevance_mask
+import pytest
+
+from grerank_dist.data import relevance_mask, retriever_score_matrix
 from grerank_dist.objectives import OBJECTIVES
 
 
 class _Batch:
-    def __init__(self, valid: list[list[bool]], relevant: list[list[bool]]) -> None:
+    def __init__(self, valid: list[list[bool]], relevant: list[list[bool]], retriever: list[list[float]] | None = None) -> None:
         self.valid = torch.tensor(valid)
         self.relevant = torch.tensor(relevant)
+        self.retriever_scores = torch.tensor(retriever) if retriever is not None else None
+        self.record_ids = [7, 8]
 
 
 def test_gold_label_loss_matches_hand_computed_listwise_cross_entropy() -> None:
@@ -47,3 +51,32 @@ def test_relevance_mask_uses_supporting_flags_for_multi_hop_and_answers_otherwis
     single_hop = {"answers": ["lima"], "ctxs": [{"text": "x lima"}, {"text": "y"}]}
     mask = relevance_mask([multi_hop, single_hop], 3)
     assert mask.tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_retriever_distillation_matches_hand_computed_cross_entropy_to_the_retriever_softmax() -> None:
+    scores = torch.tensor([[1.0, 0.0, 2.0], [0.5, -0.5, 9.0]], requires_grad=True)
+    retriever = [[2.0, 1.0, 0.0], [0.0, math.log(3.0), float("nan")]]  # query 1: candidate 2 is padding
+    batch = _Batch([[True, True, True], [True, True, False]], [[False] * 3] * 2, retriever)
+    out = OBJECTIVES["retriever_distillation"](None, None, batch, scores, RelaxConfig(k=1, tau=1.0), None)
+    e = [math.exp(2.0), math.exp(1.0), 1.0]
+    target0 = [v / sum(e) for v in e]
+    z0 = math.log(math.exp(1.0) + 1.0 + math.exp(2.0))
+    query0 = -sum(t * (s - z0) for t, s in zip(target0, [1.0, 0.0, 2.0]))
+    z1 = math.log(math.exp(0.5) + math.exp(-0.5))
+    query1 = -(0.25 * (0.5 - z1) + 0.75 * (-0.5 - z1))  # softmax(0, log 3) = (1/4, 3/4)
+    assert abs(out.loss.item() - (query0 + query1) / 2) < 1e-6
+    out.loss.backward()
+    assert scores.grad[1, 2].item() == 0.0
+
+
+def test_retriever_distillation_names_the_record_and_candidate_without_a_score() -> None:
+    batch = _Batch([[True, True], [True, True]], [[False] * 2] * 2, [[1.0, 0.0], [0.5, float("nan")]])
+    with pytest.raises(ValueError, match=r"record 8 .* ctxs\[1\]"):
+        OBJECTIVES["retriever_distillation"](None, None, batch, torch.zeros(2, 2), RelaxConfig(k=1, tau=1.0), None)
+
+
+def test_retriever_score_matrix_reads_scores_and_marks_missing_and_padding_as_nan() -> None:
+    records = [{"ctxs": [{"score": 2.5}, {"score": None}]}, {"ctxs": [{"score": -1.0}]}]
+    matrix = retriever_score_matrix(records, 2)
+    assert matrix[0, 0].item() == 2.5 and matrix[1, 0].item() == -1.0
+    assert torch.isnan(matrix[0, 1]) and torch.isnan(matrix[1, 1])

@@ -88,7 +88,7 @@ def test_aligned_initialisation_copies_the_decoder_embeddings(tokenizer) -> None
 
 
 # words of the synthetic templates, shared by most documents (lookalikes share names and titles)
-TEMPLATE_WORDS = set("was born in . the eldest youngest is a written reviewed by novel poem play memoir".split())
+TEMPLATE_WORDS = set("was born in . the is a whose birthplace not reviewed by novel poem play memoir".split())
 
 
 def test_sampled_views_keep_the_gold_documents_and_prefer_lookalikes(records) -> None:
@@ -185,3 +185,27 @@ def test_bad_reader_settings_name_the_field() -> None:
         ReaderConfig(hidden_size=30, attention_heads=4)
     with pytest.raises(ValueError, match="all_candidates_fraction"):
         ReaderConfig(all_candidates_fraction=2.0)
+    with pytest.raises(ValueError, match="gold_only_fraction"):
+        ReaderConfig(gold_only_fraction=-0.1)
+
+
+def test_curriculum_shows_only_the_gold_documents_first(records, tokenizer, monkeypatch) -> None:
+    """The first gold_only_fraction of the steps draw views without negatives; later steps draw
+    views with up to subset_max_negatives of them, or show all candidates."""
+    import grerank_dist.reader as reader_module
+
+    calls: list[int] = []
+    original = reader_module.sample_view
+
+    def spy(record, rng, max_negatives):
+        calls.append(max_negatives)
+        view = original(record, rng, max_negatives)
+        if max_negatives == 0:
+            assert all(c["is_supporting"] for c in view["ctxs"])
+        return view
+
+    monkeypatch.setattr(reader_module, "sample_view", spy)
+    config = dataclasses.replace(TINY, gold_only_fraction=0.5, all_candidates_fraction=0.0, subset_max_negatives=3)
+    fit_reader(records, tokenizer, config, steps=6, data=DATA, log_every=10**9)
+    per_step = [calls[i : i + TINY.batch_size] for i in range(0, len(calls), TINY.batch_size)]
+    assert [set(step) for step in per_step] == [{0}] * 3 + [{3}] * 3

@@ -15,8 +15,8 @@ from grerank_dist.tokenization import build_word_tokenizer
 
 BRIDGE_Q = re.compile(r"^in which city was the author of (\w+ \w+) , of the (\w+) family , born \?$")
 COMPARISON_Q = re.compile(r"^who was born first , (\w+ \w+) or (\w+ \w+) \?$")
-WORK_DOC = re.compile(r"^(\w+ \w+) is a \w+ written by the (eldest|youngest) (\w+) \.$")
-PERSON_LINE = re.compile(r"(eldest|youngest) (\w+ (\w+)) was born in (\w+) in (\d{4}) \.")
+WORK_DOC = re.compile(r"^(\w+ \w+) is a \w+ by a (\w+) whose birthplace is not (\w+) \.$")
+PERSON_LINE = re.compile(r"(\w+ (\w+)) was born in (\w+) in (\d{4}) \.")
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +29,13 @@ def _contains_phrase(text: str, phrase: str) -> bool:
 
 
 def _person_lines(ctx: dict) -> list[tuple[str, str, str]]:
-    """(name, city, year) of every person line, checking that "eldest" is born before "youngest"."""
-    lines = PERSON_LINE.findall(ctx["text"])
-    years = {rank: int(year) for rank, _, _, _, year in lines}
-    if len(years) == 2:
-        assert years["eldest"] < years["youngest"], ctx["text"]
-    return [(name, city, year) for _, name, _, city, year in lines]
+    """(name, city, year) of every person line."""
+    return [(name, city, year) for name, _, city, year in PERSON_LINE.findall(ctx["text"])]
 
 
-def _ranked_person(ctx: dict, rank: str, last: str) -> tuple[str, str] | None:
-    """(name, city) of the person of ``rank`` in family ``last`` if ``ctx`` lists them."""
-    hits = [(name, city) for r, name, family, city, _ in PERSON_LINE.findall(ctx["text"]) if (r, family) == (rank, last)]
-    return hits[0] if hits else None
+def _family_cities(ctx: dict, last: str) -> list[str]:
+    """Birth cities of the members of family ``last`` that ``ctx`` lists."""
+    return [city for _, family, city, _ in PERSON_LINE.findall(ctx["text"]) if family == last]
 
 
 def _solve_from_text(record: dict) -> tuple[str, set[int]]:
@@ -51,11 +46,14 @@ def _solve_from_text(record: dict) -> tuple[str, set[int]]:
         work, family = bridge.groups()
         work_docs = [i for i, c in enumerate(ctxs) if (m := WORK_DOC.match(c["text"])) and m.group(1) == work]
         assert len(work_docs) == 1, record["id"]
-        _, rank, last = WORK_DOC.match(ctxs[work_docs[0]]["text"]).groups()
+        _, last, not_there = WORK_DOC.match(ctxs[work_docs[0]]["text"]).groups()
         assert last == family, record["id"]
-        births = [(i, hit[1]) for i, c in enumerate(ctxs) if (hit := _ranked_person(c, rank, last))]
-        assert len(births) == 1, record["id"]
-        return births[0][1], {work_docs[0], births[0][0]}
+        family_docs = [i for i, c in enumerate(ctxs) if _family_cities(c, last)]
+        assert len(family_docs) == 1, record["id"]
+        cities = _family_cities(ctxs[family_docs[0]], last)
+        assert len(cities) == 2 and not_there in cities, record["id"]
+        (answer,) = [city for city in cities if city != not_there]
+        return answer, {work_docs[0], family_docs[0]}
     comparison = COMPARISON_Q.match(record["question"])
     assert comparison, record["question"]
     found = {}
@@ -104,10 +102,9 @@ def test_every_question_is_answerable_from_its_gold_documents_and_flags_match(re
 
 
 def test_gold_answer_document_alone_is_ambiguous_and_lookalikes_exist(records: list[dict]) -> None:
-    """The answer document lists two relatives (so the bridge document's rank is needed) and
-    people sharing the asked first name live in other documents (so copying a city or year is
-    usually wrong); the question names the family, and a work with the same title by the other
-    family member may be there as a review."""
+    """The answer document lists two relatives (so the bridge document's exclusion is needed)
+    and people sharing the asked first name live in other documents (so copying a city or year
+    is usually wrong); the question names the family."""
     answer_share_of_person_lines = []
     for record in records:
         answer, gold = _solve_from_text(record)

@@ -47,6 +47,6 @@ def train_toy_reader(records: list[dict], out_dir, steps: int = 500, seed: int =
     config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=12", "data.answer_eos=true",
                                 "data.doc_template='{title} : {text}'", "data.prompt_template='question : {question} answer :'"])
     reader = ReaderConfig(steps=steps, seed=seed, encoder_layers=2, learning_rate=3e-3, warmup_steps=0,
-                          all_candidates_fraction=1.0)
+                          gold_only_fraction=0.0, all_candidates_fraction=1.0)
     tokenizer = build_reader_tokenizer(records, config.data)
     return str(train_reader(records, tokenizer, reader, Path(out_dir), data=config.data, log_every=10**9))
