@@ -7,7 +7,7 @@ G-Rerank; two more demo runs reuse that frozen reader and the same data to train
 ablation (``relax.noise=false``, the paper's Sec. 4.4) and the gold-label reference
 (``train.objective=gold_labels``, the reranker trained on the supporting-document labels, an
 upper reference for what the answer signal could teach). All rerankers start from the same
-random initial cross-encoder. Reported on the test split in the reranker setting: Recall@2 and
+weak start (the demo's random cross-encoder after its retriever distillation). Reported on the test split in the reranker setting: Recall@2 and
 indirect Recall@2 (App. E) overall and per question type, with the mean and sample standard
 deviation over seeds, the last logged mean largest reranker weight (Fig. 5), and the reader's
 SubEM by visible documents.
@@ -105,7 +105,8 @@ indirectly relevant gold documents (supporting documents without the answer, App
 the top 2; per question type for bridge (the work document) and comparison (the family document
 of the later-born person). `Final Mean Max Weight`: the last logged mean over queries of
 max_i softmax(κ·w/τ)_i (the paper's Fig. 5 statistic; 1/20 = 5% when the reranker cannot tell
-candidates apart). Every reranker starts from the same random initial cross-encoder; the
+candidates apart). Every reranker starts from the same weak start, the `initial` row (the
+demo's random cross-encoder after a short distillation of the retriever's scores); the
 retriever row is the synthetic lexical score's order; the oracle puts the gold documents first.
 
 {table}
