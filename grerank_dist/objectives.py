@@ -79,10 +79,12 @@ def retriever_distillation_loss(
     noise: torch.Generator | None,
 ) -> ObjectiveOutput:
     """Weak start (not a G-Rerank variant): the reranker learns the retriever's ranking, the
-    listwise cross-entropy -sum_i softmax(r)_i log softmax(scores)_i over the real candidates,
-    r the candidates' ``score`` fields. It gives a random cross-encoder the lexical matching a
-    pretrained reranker starts with, so that G-Rerank's top-k masks hold the gold documents
-    often enough for the answer loss to tell them apart; the generator is not consulted."""
+    listwise cross-entropy -sum_i softmax(kappa*r/tau)_i log softmax(kappa*w/tau)_i over the real
+    candidates, r the candidates' ``score`` fields and w the reranker's scores: the retriever's
+    scores are read on the scale of G-Rerank's mask (``relax.kappa``, ``relax.tau``). It gives a
+    random cross-encoder the lexical matching a pretrained reranker starts with, so that
+    G-Rerank's top-k masks hold the gold documents often enough for the answer loss to tell them
+    apart; the generator is not consulted."""
     retriever = batch.retriever_scores
     missing = batch.valid & torch.isnan(retriever)
     if missing.any():
@@ -91,8 +93,9 @@ def retriever_distillation_loss(
             f"train.objective=retriever_distillation needs a 'score' on every candidate; record "
             f"{batch.record_ids[b]} of the training file has none on ctxs[{i}]"
         )
-    target = torch.softmax(retriever.masked_fill(~batch.valid, -torch.inf), dim=-1)
-    log_probs = torch.log_softmax(scores.masked_fill(~batch.valid, -torch.inf), dim=-1)
+    scale = relax.kappa / relax.tau
+    target = torch.softmax((scale * retriever).masked_fill(~batch.valid, -torch.inf), dim=-1)
+    log_probs = torch.log_softmax((scale * scores).masked_fill(~batch.valid, -torch.inf), dim=-1)
     loss = -(target * log_probs.masked_fill(~batch.valid, 0.0)).sum(-1).mean()
     weights_max = _mean_max_weight(scores, batch.valid, relax)
     return ObjectiveOutput(loss=loss, mean_max_weight=weights_max, mean_max_mask=weights_max)

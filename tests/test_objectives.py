@@ -80,3 +80,13 @@ def test_retriever_score_matrix_reads_scores_and_marks_missing_and_padding_as_na
     matrix = retriever_score_matrix(records, 2)
     assert matrix[0, 0].item() == 2.5 and matrix[1, 0].item() == -1.0
     assert torch.isnan(matrix[0, 1]) and torch.isnan(matrix[1, 1])
+
+
+def test_retriever_distillation_reads_both_score_lists_on_the_mask_scale() -> None:
+    """With kappa/tau = 2 the target is softmax(2r) and the prediction log softmax(2w)."""
+    scores, retriever = torch.tensor([[0.0, 0.5]]), [[0.0, math.log(3.0) / 2]]
+    batch = _Batch([[True, True]], [[False, False]], retriever)
+    out = OBJECTIVES["retriever_distillation"](None, None, batch, scores, RelaxConfig(k=1, tau=0.5, kappa=1.0), None)
+    z = math.log(1.0 + math.exp(1.0))
+    expected = -(0.25 * (0.0 - z) + 0.75 * (1.0 - z))  # softmax(0, log 3) = (1/4, 3/4)
+    assert abs(out.loss.item() - expected) < 1e-6
