@@ -48,7 +48,8 @@ QUICK = {"splits": {"train": 96, "dev": 32, "test": 32}, "reader_queries": 96, "
          "rerank_steps": 4, "mining": 32}
 
 
-# The weak start learns from scratch, so faster than G-Rerank then refines it (configs/demo.yaml).
+# The weak start trains a random cross-encoder and needs this larger rate; G-Rerank then refines
+# it at configs/demo.yaml's train.lr.
 WEAK_START_LR = 1e-3
 
 

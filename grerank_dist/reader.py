@@ -12,7 +12,7 @@ shortcut (DESIGN section 8):
   all candidates or a sampled subset (the gold documents plus a few negatives, chosen preferably
   among lookalikes that share words with the gold documents), so the reader meets the evidence at
   the sizes a top-k mask gives it and also among every distractor. Without the first phase the
-  tiny reader settled on copying a city from the answer document and never used the other one;
+  tiny reader never learned to use the second gold document (docs/RESULTS.md);
 * the encoder's and the output embeddings start as copies of the decoder's (same vocabulary):
   matching a question word to a document word and copying a document word to the output are then
   generic circuits at initialisation instead of one association per entity to learn;
@@ -52,7 +52,7 @@ REPORT_CONDITIONS = ("both_gold", "answer_doc", "bridge_doc", "all_candidates", 
 
 @dataclass
 class ReaderConfig:
-    """Sizes and training recipe of the reader. Defaults: the CPU demo (about 3 minutes on 2 cores).
+    """Sizes and training recipe of the reader. Defaults: the CPU demo (about 4.5 minutes on 2 cores).
 
     The encoder is as wide as the decoder so its embeddings can start as a copy of the decoder's.
     The first ``gold_only_fraction`` of the steps show only the gold documents; of the later
