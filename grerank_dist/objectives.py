@@ -3,7 +3,9 @@ reranker's scores.
 
 Each objective takes the frozen generator (behind :class:`ParallelContextGenerator`), the
 already-encoded candidates, the batch and the reranker's scores [B, n], and returns the loss to
-back-propagate into the reranker plus a few detached statistics for the logs.
+back-propagate into the reranker plus a few detached statistics for the logs. The objectives in
+``GENERATOR_FREE_OBJECTIVES`` never consult the generator: the trainer passes them ``None`` for
+the encoded candidates and skips the encoder.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def grerank_loss(
 
 def gold_label_loss(
     generator: ParallelContextGenerator,
-    contexts: EncodedContexts,
+    contexts: EncodedContexts | None,
     batch: Batch,
     scores: torch.Tensor,
     relax: RelaxConfig,
@@ -72,7 +74,7 @@ def gold_label_loss(
 
 def retriever_distillation_loss(
     generator: ParallelContextGenerator,
-    contexts: EncodedContexts,
+    contexts: EncodedContexts | None,
     batch: Batch,
     scores: torch.Tensor,
     relax: RelaxConfig,
@@ -111,3 +113,5 @@ OBJECTIVES = {
     "gold_labels": gold_label_loss,
     "retriever_distillation": retriever_distillation_loss,
 }
+# Reference objectives that read only the batch's labels or retriever scores.
+GENERATOR_FREE_OBJECTIVES = frozenset({"gold_labels", "retriever_distillation"})

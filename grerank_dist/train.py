@@ -24,7 +24,7 @@ from grerank_dist.config import TrainConfig, load_config
 from grerank_dist.data import Batch, Collator, MicroBatchSchedule, read_records
 from grerank_dist.generator import ParallelContextGenerator
 from grerank_dist.models import RANDOM_PREFIX, load_generator
-from grerank_dist.objectives import OBJECTIVES, ObjectiveOutput
+from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, ObjectiveOutput
 from grerank_dist.relax import noise_generator
 from grerank_dist.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
 from grerank_dist.strategy import DeepSpeedStrategy
@@ -112,10 +112,13 @@ def training_step(
     The encoder runs once, without autograd (documents are encoded independently, so it does
     not depend on the mask); the gradient reaches the reranker only through the log-mask in the
     decoder's cross-attention. ``strategy.step`` applies the update at accumulation boundaries.
+    The reference objectives that never read the generator skip it (every rank alike).
     """
     scores = reranker_scores(reranker, batch.reranker_inputs, config.data.n_candidates)  # [B, n]
-    strategy.begin_generator_step()
-    contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+    contexts = None
+    if config.train.objective not in GENERATOR_FREE_OBJECTIVES:
+        strategy.begin_generator_step()
+        contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     objective = OBJECTIVES[config.train.objective]
     out = objective(generator, contexts, batch, scores, config.relax, noise)  # mask -> generator -> loss
     strategy.backward(out.loss)

@@ -90,3 +90,55 @@ def test_retriever_distillation_reads_both_score_lists_on_the_mask_scale() -> No
     z = math.log(1.0 + math.exp(1.0))
     expected = -(0.25 * (0.0 - z) + 0.75 * (1.0 - z))  # softmax(0, log 3) = (1/4, 3/4)
     assert abs(out.loss.item() - expected) < 1e-6
+
+
+class _RecordingStrategy:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def begin_generator_step(self) -> None:
+        self.calls.append("begin_generator_step")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.calls.append("backward")
+        loss.backward()
+
+    def step(self) -> None:
+        self.calls.append("step")
+
+
+class _EncodingGenerator:
+    """Records encoder calls; its answer likelihood depends on the mask so G-Rerank can run."""
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def encode_contexts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
+        self.encoded += 1
+        return "contexts"
+
+    def answer_logprobs(self, contexts, input_ids, attention_mask, labels, log_mask):
+        assert contexts == "contexts"
+        nll = -log_mask.logsumexp(-1).mean()
+        return type("Answer", (), {"token_mean_nll": lambda self: nll})()
+
+
+@pytest.mark.parametrize("objective,encodes", [("grerank", 1), ("gold_labels", 0), ("retriever_distillation", 0)])
+def test_training_step_runs_the_generator_only_for_objectives_that_read_it(objective: str, encodes: int) -> None:
+    from types import SimpleNamespace
+
+    from grerank_dist.config import DataConfig, TrainConfig
+    from grerank_dist.train import training_step
+
+    scores = torch.nn.Parameter(torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]]))
+    reranker = lambda **inputs: SimpleNamespace(logits=scores.view(-1, 1))  # noqa: E731
+    batch = _Batch([[True] * 3] * 2, [[True, False, False], [False, True, False]], [[1.0, 0.0, 0.5]] * 2)
+    batch.reranker_inputs, batch.encoder_input_ids, batch.encoder_attention_mask = {}, None, None
+    batch.input_ids = batch.attention_mask = batch.labels = None
+    config = TrainConfig(data=DataConfig(n_candidates=3), relax=RelaxConfig(k=1, tau=1.0))
+    config.train.objective = objective
+    strategy, generator = _RecordingStrategy(), _EncodingGenerator()
+    training_step(strategy, reranker, generator, batch, config, torch.Generator().manual_seed(0))
+    assert generator.encoded == encodes
+    assert strategy.calls == ["begin_generator_step"] * encodes + ["backward", "step"]
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
