@@ -1,13 +1,14 @@
 """`grerank demo`: the whole system on a laptop CPU in minutes, through the real code paths.
 
-    grerank demo [--out runs/demo] [--seed 0] [--quick] [--reader DIR] [key=value ...]
+    grerank demo [--out runs/demo] [--seed 0] [--quick] [--reader DIR] [--initial DIR] [key=value ...]
 
 1. make the synthetic multi-hop benchmark (bridge questions whose answer needs a document that
    does not contain it, and comparison questions);
 2. train a tiny CEPE-architecture reader on it and freeze it (its SubEM with both gold
    documents, each alone, all candidates and none is reported); ``--reader`` reuses one;
 3. give a random-init tiny cross-encoder a weak start (a short distillation of the retriever's
-   scores, ``train.objective=retriever_distillation``), then train it with G-Rerank through the
+   scores, ``train.objective=retriever_distillation``; ``--initial`` reuses one), then train it
+   with G-Rerank through the
    real trainer (DeepSpeed, ZeRO-3 generator engine, the same code as a cluster run),
    checkpointing as it goes;
 4. evaluate the initial and the trained reranker, the retriever's order and the oracle in the
@@ -78,10 +79,15 @@ def trained_method_name(config: TrainConfig) -> str:
 
 
 def run_demo(
-    out_dir: Path, seed: int = 0, quick: bool = False, overrides: list[str] | None = None, reader: Path | None = None
+    out_dir: Path,
+    seed: int = 0,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+    reader: Path | None = None,
+    initial: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every stage (reusing ``reader`` if given); returns the summary also written to
-    ``out_dir/summary.json``."""
+    """Run every stage (reusing the frozen ``reader`` and the ``initial`` reranker if given);
+    returns the summary also written to ``out_dir/summary.json``."""
     sizes = QUICK if quick else FULL
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -125,11 +131,12 @@ def run_demo(
     timings["reader_s"] = time.perf_counter() - t
 
     t = _stage("3/5 reranker: a weak start from the retriever's scores, then G-Rerank from the frozen reader")
-    texts = [r["question"] for r in records] + [
-        config.data.passage_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]
-    ]
-    random_init = export_reranker(*tiny_reranker(texts, seed=seed), out_dir / "random_reranker")
-    initial = weak_start(config, random_init, sizes["weak_start_steps"], out_dir / "weak_start")
+    if initial is None:
+        texts = [r["question"] for r in records] + [
+            config.data.passage_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]
+        ]
+        random_init = export_reranker(*tiny_reranker(texts, seed=seed), out_dir / "random_reranker")
+        initial = weak_start(config, random_init, sizes["weak_start_steps"], out_dir / "weak_start")
     config.reranker.path = str(initial)
     result = train(config, resume="none")
     timings["train_s"] = time.perf_counter() - t
@@ -222,9 +229,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a pass through every stage in about a minute")
     parser.add_argument("--reader", type=Path, help="reuse this frozen reader directory instead of training one "
                         "(it must come from the same --seed, whose data the demo regenerates)")
+    parser.add_argument("--initial", type=Path, help="start from this reranker directory instead of making a weak "
+                        "start (e.g. an earlier run's weak_start/reranker, same --seed)")
     parser.add_argument("overrides", nargs="*", help="training config overrides as dotted key=value")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), seed=args.seed, quick=args.quick, overrides=args.overrides, reader=args.reader)
+    run_demo(Path(args.out), seed=args.seed, quick=args.quick, overrides=args.overrides, reader=args.reader,
+             initial=args.initial)
     return 0

@@ -2,8 +2,9 @@
 
     python scripts/reproduce_synthetic.py --seeds 0 1 2 --out runs/reproduce --write docs/RESULTS.md
 
-For every seed, ``grerank demo`` makes the data, trains and freezes the reader and trains
-G-Rerank; two more demo runs reuse that frozen reader and the same data to train the no-Gumbel
+For every seed, ``grerank demo`` makes the data, trains and freezes the reader, gives the
+reranker its weak start and trains G-Rerank; two more demo runs reuse that frozen reader, that
+weak start and the same data to train the no-Gumbel
 ablation (``relax.noise=false``, the paper's Sec. 4.4) and the gold-label reference
 (``train.objective=gold_labels``, the reranker trained on the supporting-document labels, an
 upper reference for what the answer signal could teach). All rerankers start from the same
@@ -43,11 +44,12 @@ COLUMNS = ["recall@2", "indirect_recall@2", "bridge/recall@2", "bridge/indirect_
 def run_seed(seed: int, out: Path, threads: int, quick: bool = False) -> dict[str, Any]:
     """The three runs of one seed; returns method -> reranker-setting test metrics (+ Fig. 5 value)."""
     rows: dict[str, Any] = {}
-    reader = None
+    first = None
     for method, overrides in METHODS.items():
         run_dir = out / f"seed{seed}" / method
         command = [sys.executable, "-m", "grerank_dist.cli", "demo", "--out", str(run_dir), "--seed", str(seed)]
-        command += ["--reader", str(reader)] if reader else []
+        if first is not None:
+            command += ["--reader", str(first / "reader"), "--initial", str(first / "weak_start" / "reranker")]
         command += ["--quick"] if quick else []
         command += overrides
         print(f"$ {shlex.join(command)}", flush=True)
@@ -61,8 +63,8 @@ def run_seed(seed: int, out: Path, threads: int, quick: bool = False) -> dict[st
         weights = [r["train/mean_max_weight"] for r in read_metrics(run_dir / "train" / "metrics.jsonl")
                    if "train/mean_max_weight" in r]
         rows[method] = {**metrics[method], "final_mean_max_weight": weights[-1]}
-        if reader is None:
-            reader = run_dir / "reader"
+        if first is None:
+            first = run_dir
             rows["reader"] = summary["reader"]
             rows.update({name: metrics[name] for name in REFERENCES})
             rows["wall_s"] = summary["timings"]["total_s"]
@@ -83,17 +85,24 @@ def mean_and_spread(per_seed: list[dict[str, Any]], method: str) -> dict[str, st
     return cells
 
 
+SECTION_START = "<!-- reproduce_synthetic.py: start -->"
+SECTION_END = "<!-- reproduce_synthetic.py: end -->"
+
+
 def write_results(path: Path, seeds: list[int], per_seed: list[dict[str, Any]], command: str) -> str:
+    """Write the report as the section between the markers of ``path`` (hand-written text around
+    them is kept), or as a new file holding only the section. Returns the section."""
     methods = [*REFERENCES[:2], *METHODS, REFERENCES[2]]
     summary_rows = {m: mean_and_spread(per_seed, m) for m in methods}
     table = metrics_table_markdown(summary_rows, COLUMNS, percent=False)
     per_seed_tables = "\n".join(
-        f"### seed {seed}\n\n" + metrics_table_markdown({m: rows[m] for m in methods}, COLUMNS)
+        f"#### seed {seed}\n\n" + metrics_table_markdown({m: rows[m] for m in methods}, COLUMNS)
         + "\nReader SubEM (%) by visible documents:\n\n" + reader_table_markdown(rows["reader"])
         + f"\nWall time of the seed's demo run: {rows['wall_s']:.0f} s.\n"
         for seed, rows in zip(seeds, per_seed)
     )
-    text = f"""# Synthetic multi-hop benchmark: G-Rerank, the no-Gumbel ablation and the gold-label reference
+    section = f"""{SECTION_START}
+## Reproduction over seeds: G-Rerank, the no-Gumbel ablation and the gold-label reference
 
 Produced by
 
@@ -110,12 +119,19 @@ demo's random cross-encoder after a short distillation of the retriever's scores
 retriever row is the synthetic lexical score's order; the oracle puts the gold documents first.
 
 {table}
-## Per seed
+### Per seed
 
-{per_seed_tables}"""
+{per_seed_tables}{SECTION_END}
+"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
+    existing = path.read_text() if path.is_file() else ""
+    if SECTION_START in existing and SECTION_END in existing:
+        before, rest = existing.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        path.write_text(before + section + ("\n" + after if after else ""))
+    else:
+        path.write_text(existing + ("\n" if existing else "") + section)
+    return section
 
 
 def main() -> int:

@@ -31,6 +31,8 @@ def test_quick_demo_writes_every_artifact(tmp_path):
 
 def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_report(tmp_path):
     out, report = tmp_path / "runs", tmp_path / "RESULTS.md"
+    report.write_text("# Results\n\nhand-written\n\n<!-- reproduce_synthetic.py: start -->\nold\n"
+                      "<!-- reproduce_synthetic.py: end -->\n\n## Later section\n")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_synthetic.py"), "--quick", "--seeds", "0",
                              "--out", str(out), "--write", str(report), "--threads", "1"],
                             capture_output=True, text=True, timeout=900, env=clean_env(), cwd=ROOT)
@@ -39,12 +41,17 @@ def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_
     for row in ("| retriever |", "| initial |", "| g-rerank |", "| no-gumbel |", "| gold-labels |", "| oracle |"):
         assert row in text, row
     assert "--quick" in text  # the exact command that produced the report
+    # the section between the markers is replaced; the hand-written text around it is kept
+    assert text.startswith("# Results\n\nhand-written\n\n<!-- reproduce_synthetic.py: start -->")
+    assert "\nold\n" not in text and text.endswith("<!-- reproduce_synthetic.py: end -->\n\n## Later section\n")
     seed_runs = out / "seed0"
     assert (seed_runs / "g-rerank" / "reader" / "config.json").is_file()
-    for method in ("no-gumbel", "gold-labels"):  # trained from the first run's frozen reader
+    for method in ("no-gumbel", "gold-labels"):  # trained from the first run's frozen reader and weak start
         assert not (seed_runs / method / "reader").exists()
+        assert not (seed_runs / method / "weak_start").exists()
         config = json.loads((seed_runs / method / "train" / "train_config.json").read_text())
         assert config["generator"]["path"] == str(seed_runs / "g-rerank" / "reader")
+        assert config["reranker"]["path"] == str(seed_runs / "g-rerank" / "weak_start" / "reranker")
         metrics = json.loads((seed_runs / method / "eval" / "reranker" / "metrics.json").read_text())
         assert set(metrics["methods"]) == {"initial", method, "retriever", "oracle"}
     no_gumbel = json.loads((seed_runs / "no-gumbel" / "train" / "train_config.json").read_text())
