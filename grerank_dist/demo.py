@@ -43,7 +43,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 # reader gets its own, larger split: on 3,000 queries a tiny reader memorises the training
 # answers instead of learning to read the two hops.
 # That split is generated in memory (about 200 MB as JSON lines); it is reproducible from the seed.
-FULL = {"splits": {"train": 3000, "dev": 200, "test": 400}, "reader_queries": 48000, "reader_steps": 3500,
+FULL = {"splits": {"train": 3000, "dev": 200, "test": 400}, "reader_queries": 48000, "reader_steps": 4000,
         "weak_start_steps": 1200, "rerank_steps": 300, "mining": 400}
 QUICK = {"splits": {"train": 96, "dev": 32, "test": 32}, "reader_queries": 96, "reader_steps": 4, "weak_start_steps": 2,
          "rerank_steps": 4, "mining": 32}
