@@ -8,9 +8,8 @@
    documents, each alone, all candidates and none is reported); ``--reader`` reuses one;
 3. give a random-init tiny cross-encoder a weak start (a short distillation of the retriever's
    scores, ``train.objective=retriever_distillation``; ``--initial`` reuses one), then train it
-   with G-Rerank through the
-   real trainer (DeepSpeed, ZeRO-3 generator engine, the same code as a cluster run),
-   checkpointing as it goes;
+   with G-Rerank through the real trainer (DeepSpeed, ZeRO-3 generator engine, the same code as
+   a cluster run), checkpointing as it goes;
 4. evaluate the initial and the trained reranker, the retriever's order and the oracle in the
    paper's three settings, and every checkpoint on the dev split;
 5. write the table (markdown + JSON), PNG plots and the exported reranker.
