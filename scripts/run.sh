@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: creates .venv on first use, installs the project into it,
+# One entry point for a fresh machine: creates a venv on first use, installs the project into it,
 # then runs the demo or the tests.
 #
 #   bash scripts/run.sh demo [grerank demo options]   # the embedded end-to-end demo (CPU)
-#   bash scripts/run.sh test [pytest options]         # the test suite (what CI runs)
-#   bash scripts/run.sh setup                         # only create/refresh the environment
+#   bash scripts/run.sh test [pytest options]         # the test suite on the lock (what CI runs)
+#   bash scripts/run.sh test-latest [pytest options]  # the suite on the newest releases, no lock
+#   bash scripts/run.sh setup                         # only create/refresh the locked environment
+#   bash scripts/run.sh lock                          # rewrite constraints.txt from .venv-latest
+#
+# demo, test and setup use .venv and install from constraints.txt, the exact versions the suite
+# passed with. test-latest uses .venv-latest and installs the newest releases that pyproject.toml's
+# ranges allow, so that the next upstream break shows up here as a named test failure.
 #
 # On a CPU machine it installs torch==2.13.0 (CPU build) when the venv has no torch. On a GPU
 # cluster, create the venv yourself and install your CUDA build of torch first; this script
@@ -12,29 +18,43 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-venv="${GRERANK_VENV:-.venv}"
+command="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$command" in
+  demo | test | setup) venv="${GRERANK_VENV:-.venv}"; lock=(-c constraints.txt) ;;
+  test-latest | lock) venv="${GRERANK_LATEST_VENV:-.venv-latest}"; lock=() ;;
+  *) echo "usage: bash scripts/run.sh demo|test|test-latest|setup|lock [args...]" >&2; exit 2 ;;
+esac
+
 python_bin="${PYTHON:-python3}"
 if [[ ! -x "$venv/bin/python" ]]; then
   echo "creating $venv" >&2
   "$python_bin" -m venv "$venv"
 fi
 py="$venv/bin/python"
+pip=("$py" -m pip install -q --disable-pip-version-check)
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
   echo "installing torch ${GRERANK_TORCH_VERSION:-2.13.0} (CPU build)" >&2
-  "$py" -m pip install -q --disable-pip-version-check "torch==${GRERANK_TORCH_VERSION:-2.13.0}"
+  "${pip[@]}" "torch==${GRERANK_TORCH_VERSION:-2.13.0}"
 fi
 stamp="$venv/.grerank-installed"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  echo "installing grerank_dist and its dependencies into $venv" >&2
-  "$py" -m pip install -q --disable-pip-version-check -e ".[test]"
+if [[ "$command" == test-latest ]]; then
+  echo "installing grerank_dist with the newest releases into $venv" >&2
+  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]"
+  "$py" -m pip list --format=freeze --disable-pip-version-check | grep -iE '^(transformers|deepspeed|torch|peft|datasets|sentence-transformers|flagembedding|tokenizers|safetensors)==' >&2
+elif [[ "${#lock[@]}" -gt 0 && ( ! -f "$stamp" || pyproject.toml -nt "$stamp" || constraints.txt -nt "$stamp" ) ]]; then
+  echo "installing grerank_dist and its locked dependencies into $venv" >&2
+  "${pip[@]}" -e ".[test]" "${lock[@]}"
   touch "$stamp"
 fi
 
-command="${1:-}"
-[[ $# -gt 0 ]] && shift
 case "$command" in
   demo) exec "$venv/bin/grerank" demo "$@" ;;
-  test) exec "$py" -m pytest "$@" ;;
+  test | test-latest) exec "$py" -m pytest "$@" ;;
   setup) echo "environment ready: source $venv/bin/activate" ;;
-  *) echo "usage: bash scripts/run.sh demo|test|setup [args...]" >&2; exit 2 ;;
+  lock)
+    header=$(sed -n '/^#/p;/^[^#]/q' constraints.txt)
+    { echo "$header"; "$py" -m pip freeze --exclude-editable --disable-pip-version-check |
+        grep -viE '^(torch|nvidia-|triton|grerank)'; } > constraints.txt
+    echo "wrote constraints.txt from $venv" >&2 ;;
 esac
