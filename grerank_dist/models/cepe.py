@@ -402,7 +402,11 @@ class CepeDecoder(nn.Module):
             if encoder_states is not None and idx in self.source_of_layer:
                 source = encoder_states[self.source_of_layer[idx]]
             layer_kv = cross_keys_values[idx] if cross_keys_values is not None else None
-            inputs = (hidden_states, self_attn_mask, cos, sin, key_bias, source)
+            # A layer without cross-attention does not read the mask: handing it key_bias would make
+            # a reentrant checkpoint of it (before the first cross-attention layer, where nothing
+            # else needs a gradient) return an output with no graph, which fails in backward.
+            layer_bias = key_bias if layer.cross_attn is not None else None
+            inputs = (hidden_states, self_attn_mask, cos, sin, layer_bias, source)
             if self._checkpoint_this_call(inputs, past_key_values, layer_kv):
                 hidden_states = checkpoint(layer, *inputs, use_reentrant=True)
             else:
@@ -410,7 +414,8 @@ class CepeDecoder(nn.Module):
         return self.norm(hidden_states)
 
     def _checkpoint_this_call(self, inputs: tuple, past_key_values: Any, layer_kv: Any) -> bool:
-        """Reentrant checkpointing only helps (and only works) when some input needs a gradient."""
+        """Reentrant checkpointing only helps (and only works) when some input the layer uses
+        needs a gradient (``inputs`` must hold only those)."""
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return False
         if past_key_values is not None or layer_kv is not None:
