@@ -397,6 +397,32 @@ def test_answer_logprobs_match_log_softmax_of_forward_logits(model):
     torch.testing.assert_close(answer.token_mean_nll(), out.loss, atol=1e-5, rtol=0)
 
 
+def test_bf16_answer_logprobs_come_from_fp32_logits():
+    """bf16 model: the answer log-probs are lm_head applied in fp32 to the bf16 final hidden states
+    (bf16 logits, rounded to ~3 significant digits, would shift them by far more than the tolerance)."""
+    model = build_tiny_model(seed=4, dtype=torch.bfloat16)
+    batch = make_batch(3, 3, seed=22)
+    contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+    log_mask = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.7, 0.4], [0.3, 0.3, 0.8]])).bfloat16()
+    finals = []
+    hook = model.model.register_forward_hook(lambda module, args, output: finals.append(output))
+    try:
+        answer = model.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, log_mask)
+    finally:
+        hook.remove()
+    assert finals[0].dtype == torch.bfloat16 and answer.token_logprobs.dtype == torch.float32
+    targets = batch.labels[:, 1:]
+
+    def answer_logprobs_of(logits: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits.double(), -1)
+        return log_probs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1) * (targets != -100)
+
+    exact_logits = finals[0][:, :-1].double() @ model.lm_head.weight.double().T
+    expected = answer_logprobs_of(exact_logits)
+    torch.testing.assert_close(answer.token_logprobs[:, 1:].double(), expected, atol=2e-5, rtol=0)
+    assert (answer_logprobs_of(exact_logits.bfloat16()) - expected).abs().max() > 1e-3
+
+
 def test_bad_shapes_are_rejected(model):
     batch = make_batch(2, 3, seed=14)
     contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)

@@ -455,13 +455,29 @@ class CepeEncoder(nn.Module):
         return tuple(all_states[-num_states:])
 
 
+class CepeLMHead(nn.Linear):
+    """The vocabulary projection, computed in (at least) fp32 whatever the weights' dtype.
+
+    bf16 logits keep ~3 significant digits (a rounding step of 1/64 at magnitude 2-4), which
+    shifts an answer's log-probability, the reranker's training signal, by up to ~1e-2. The
+    weight is cast for the product only (a transient [V, H] fp32 copy, kept for backward when a
+    gradient flows); fp64 stays fp64 (gradient checks). Still an ``nn.Linear`` called through
+    ``__call__``: same state-dict name, gathered by ZeRO-3 like any other module.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(hidden_states.to(dtype), self.weight.to(dtype), bias)
+
+
 def _build_modules(config: CepeConfig) -> dict[str, nn.Module]:
     """The three top-level parts, shared by the model and the checkpoint's expected-shape list."""
     if config.encoder_config is None:
         raise ValueError("CepeConfig field 'encoder_config' is missing: CEPE needs its encoder's Llama config")
     return {
         "model": CepeDecoder(config),
-        "lm_head": nn.Linear(config.hidden_size, config.vocab_size, bias=False),
+        "lm_head": CepeLMHead(config.hidden_size, config.vocab_size, bias=False),
         "encoder": CepeEncoder(config.encoder_llama_config()),
     }
 
@@ -807,7 +823,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         if encoder_input_ids is not None:
             contexts = self.encode_contexts(encoder_input_ids, encoder_attention_mask)
         hidden, labels, _ = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
-        logits = _at_least_fp32(self.lm_head(hidden))
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             targets = labels[:, 1:]
@@ -827,7 +843,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         """log p(labels[:, t] | tokens < t), aligned with ``labels`` ([R, S]; [B, m, S] for 3-D masks).
 
         Only the positions that predict a label go through ``lm_head`` (the vocabulary
-        projection dominates the cost when answers are short).
+        projection dominates the cost when answers are short), in fp32 for a bf16 model.
         """
         hidden, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
         if labels is None:
@@ -835,7 +851,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         is_target = labels != -100
         is_target[:, 0] = False  # nothing predicts the first token
         predicting = hidden[:, :-1][is_target[:, 1:]]
-        logits = _at_least_fp32(self.lm_head(predicting))
+        logits = self.lm_head(predicting)
         picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device)
         token_logprobs = token_logprobs.masked_scatter(is_target, picked)
@@ -922,11 +938,6 @@ class CepeForCausalContextLM(PreTrainedModel):
                 source = states[self.model.source_of_layer[idx]]
                 projected.append(layer.cross_attn.project_keys_values(source, rows))
         return projected
-
-
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits lose the answer's log-probability; fp64 (gradient checks) stays fp64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _all_ranks_done(finished: torch.Tensor) -> bool:
