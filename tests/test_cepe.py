@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -606,7 +607,11 @@ def test_generation_with_cache_equals_without(model, masks_per_query):
         log_mask = torch.stack([log_mask, log_mask.flip(-1)], dim=1)
     contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     args = (contexts, batch.input_ids, batch.attention_mask, log_mask, 8)
-    cached = model.generate(*args, stop_token_ids=[], use_cache=True)
+    with warnings.catch_warnings():
+        # e.g. transformers' FutureWarning for a renamed cache keyword, which would later stop the
+        # cache from updating: the deprecated spelling must not be used
+        warnings.simplefilter("error")
+        cached = model.generate(*args, stop_token_ids=[], use_cache=True)
     recomputed = model.generate(*args, stop_token_ids=[], use_cache=False)
     assert torch.equal(cached, recomputed)
     expected_shape = (3, 2, 8) if masks_per_query else (3, 8)

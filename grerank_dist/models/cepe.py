@@ -21,6 +21,7 @@ DeepSpeed ZeRO-3 (``HfDeepSpeedConfig`` + ``from_pretrained`` / ``from_config``)
 # No ``from __future__ import annotations`` here: @strict validates CepeConfig's fields from their
 # annotations, which must stay real types rather than strings.
 
+import inspect
 import json
 import os
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
@@ -320,6 +322,25 @@ class CepeCrossAttention(nn.Module):
         return self.o_proj(attended.transpose(1, 2).reshape(rows, seq_len, self.num_heads * self.head_dim))
 
 
+def _attention_cache_keyword() -> str:
+    """The keyword that hands LlamaAttention its KV cache in this transformers version.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed
+    in 5.40: passed then, it would be swallowed by ``**kwargs`` and the cache would stop updating).
+    """
+    parameters = inspect.signature(LlamaAttention.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise ImportError(
+        f"transformers {transformers.__version__}: LlamaAttention.forward takes neither 'cache' nor "
+        f"'past_key_values' (parameters: {', '.join(parameters)}); CEPE's generation cache needs one"
+    )
+
+
+_ATTENTION_CACHE_KEYWORD = _attention_cache_keyword()
+
+
 class CepeDecoderLayer(nn.Module):
     """Llama decoder layer with an optional cross-attention block between self-attention and MLP."""
 
@@ -340,7 +361,7 @@ class CepeDecoderLayer(nn.Module):
         key_bias: torch.Tensor | None = None,
         encoder_states: torch.Tensor | None = None,
         cross_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """Tensors are positional so that reentrant checkpointing sees (and differentiates) them all.
 
@@ -351,7 +372,7 @@ class CepeDecoderLayer(nn.Module):
             self.input_layernorm(hidden_states),
             position_embeddings=(cos, sin),
             attention_mask=self_attn_mask,
-            past_key_values=past_key_values,
+            **{_ATTENTION_CACHE_KEYWORD: cache},
         )
         hidden_states = hidden_states + attended
         if self.cross_attn is not None and key_bias is not None:
@@ -385,7 +406,7 @@ class CepeDecoder(nn.Module):
         key_bias: torch.Tensor | None,
         encoder_states: tuple[torch.Tensor, ...] | None,
         cross_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states [R, Q, H] of the Q = input_ids.shape[1] newest tokens.
 
@@ -407,18 +428,18 @@ class CepeDecoder(nn.Module):
             # else needs a gradient) return an output with no graph, which fails in backward.
             layer_bias = key_bias if layer.cross_attn is not None else None
             inputs = (hidden_states, self_attn_mask, cos, sin, layer_bias, source)
-            if self._checkpoint_this_call(inputs, past_key_values, layer_kv):
+            if self._checkpoint_this_call(inputs, cache, layer_kv):
                 hidden_states = checkpoint(layer, *inputs, use_reentrant=True)
             else:
-                hidden_states = layer(*inputs, layer_kv, past_key_values)
+                hidden_states = layer(*inputs, layer_kv, cache)
         return self.norm(hidden_states)
 
-    def _checkpoint_this_call(self, inputs: tuple, past_key_values: Any, layer_kv: Any) -> bool:
+    def _checkpoint_this_call(self, inputs: tuple, cache: Any, layer_kv: Any) -> bool:
         """Reentrant checkpointing only helps (and only works) when some input the layer uses
         needs a gradient (``inputs`` must hold only those)."""
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return False
-        if past_key_values is not None or layer_kv is not None:
+        if cache is not None or layer_kv is not None:
             return False
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
