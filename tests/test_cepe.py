@@ -4,6 +4,7 @@ gradient, batched masks, loading the released layout, generation."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer
 import grerank_dist.models.cepe as cepe_module
 from grerank_dist.attention import available_backends
 from grerank_dist.generator import ParallelContextGenerator
+from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import (
     CepeConfig,
     CepeForCausalContextLM,
@@ -510,6 +512,29 @@ def test_save_and_reload_round_trip(source_model, tmp_path):
     for key in ("num_cross_attn_layers", "encoder_config", "encoder_hidden_size", "cross_attn_backend",
                 "rope_parameters", "num_key_value_heads", "kl_loss_mode"):
         assert reloaded[key] == original[key], key
+
+
+def test_generator_save_and_load_is_silent(source_model, tmp_path):
+    """save_pretrained + load_generator (weights and tokenizer) round-trips without any transformers
+    warning: AutoTokenizer reads config.json, and an unknown model_type made it warn on every load."""
+    directory = tmp_path / "saved"
+    source_model.save_pretrained(directory)
+    save_tiny_tokenizer(directory, ["who", "wrote", "it"])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")  # does not propagate to the root (caplog)
+    transformers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded, tokenizer = load_generator(str(directory))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [record.getMessage() for record in records] == []
+    assert isinstance(loaded.config, CepeConfig) and loaded.config.to_dict()["model_type"] == "cepe_llama"
+    assert_same_logits(loaded, source_model)
+    assert tokenizer.convert_tokens_to_ids("wrote") >= 4
 
 
 def test_convert_bin_to_safetensors(source_model, tmp_path):

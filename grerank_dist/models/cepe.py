@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -175,6 +175,12 @@ class CepeConfig(LlamaConfig):
         if not self.do_cross_attention:
             return []
         return list(range(self.num_hidden_layers - self.num_cross_attn_layers, self.num_hidden_layers))
+
+
+# Known to AutoConfig, so that whatever reads a saved model's config.json by its model_type
+# (AutoTokenizer.from_pretrained does, on every generator load) gets a CepeConfig, instead of
+# falling back to a bare PreTrainedConfig with a "model of type `cepe_llama`" warning.
+AutoConfig.register(CepeConfig.model_type, CepeConfig, exist_ok=True)
 
 
 def load_cepe_config(config_file: str | os.PathLike) -> CepeConfig:
