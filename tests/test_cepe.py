@@ -4,11 +4,13 @@ gradient, batched masks, loading the released layout, generation."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from transformers import AutoTokenizer
 import grerank_dist.models.cepe as cepe_module
 from grerank_dist.attention import available_backends
 from grerank_dist.generator import ParallelContextGenerator
+from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import (
     CepeConfig,
     CepeForCausalContextLM,
@@ -271,10 +274,19 @@ def mask_gradient(model, batch, log_mask):
     return loss.detach(), leaf.grad
 
 
-def test_gradient_checkpointing_gives_the_same_gradient(model, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_hidden_layers": 3, "num_cross_attn_layers": 2}, {"num_hidden_layers": 4, "num_cross_attn_layers": 1}],
+    ids=["all-cross", "3-layers-2-cross", "4-layers-1-cross"],
+)
+def test_gradient_checkpointing_gives_the_same_gradient(overrides, monkeypatch):
+    """Layers before the first cross-attention layer have no input that needs a gradient: they
+    run unchecked (a reentrant checkpoint there fails in backward), the others are checkpointed."""
+    model = build_tiny_model(**overrides)
     batch = make_batch(2, 4, seed=9)
     log_mask = torch.log(torch.tensor([[0.9, 0.2, 0.6, 0.05], [0.3, 0.8, 0.1, 0.7]]))
     loss_plain, grad_plain = mask_gradient(model, batch, log_mask)
+    assert grad_plain.abs().sum() > 0
     calls = []
 
     def spy(function, *args, **kwargs):
@@ -285,7 +297,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(model, monkeypatch):
     model.activation_checkpointing_enable()
     try:
         loss_ckpt, grad_ckpt = mask_gradient(model, batch, log_mask)
-        assert len(calls) == model.config.num_hidden_layers
+        assert len(calls) == len(model.config.cross_attention_layer_ids())
         assert all(call == {"use_reentrant": True} for call in calls)
         calls.clear()
         with torch.enable_grad():
@@ -388,6 +400,32 @@ def test_answer_logprobs_match_log_softmax_of_forward_logits(model):
     torch.testing.assert_close(answer.token_mean_nll(), out.loss, atol=1e-5, rtol=0)
 
 
+def test_bf16_answer_logprobs_come_from_fp32_logits():
+    """bf16 model: the answer log-probs are lm_head applied in fp32 to the bf16 final hidden states
+    (bf16 logits, rounded to ~3 significant digits, would shift them by far more than the tolerance)."""
+    model = build_tiny_model(seed=4, dtype=torch.bfloat16)
+    batch = make_batch(3, 3, seed=22)
+    contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+    log_mask = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.7, 0.4], [0.3, 0.3, 0.8]])).bfloat16()
+    finals = []
+    hook = model.model.register_forward_hook(lambda module, args, output: finals.append(output))
+    try:
+        answer = model.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, log_mask)
+    finally:
+        hook.remove()
+    assert finals[0].dtype == torch.bfloat16 and answer.token_logprobs.dtype == torch.float32
+    targets = batch.labels[:, 1:]
+
+    def answer_logprobs_of(logits: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits.double(), -1)
+        return log_probs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1) * (targets != -100)
+
+    exact_logits = finals[0][:, :-1].double() @ model.lm_head.weight.double().T
+    expected = answer_logprobs_of(exact_logits)
+    torch.testing.assert_close(answer.token_logprobs[:, 1:].double(), expected, atol=2e-5, rtol=0)
+    assert (answer_logprobs_of(exact_logits.bfloat16()) - expected).abs().max() > 1e-3
+
+
 def test_bad_shapes_are_rejected(model):
     batch = make_batch(2, 3, seed=14)
     contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
@@ -474,6 +512,29 @@ def test_save_and_reload_round_trip(source_model, tmp_path):
     for key in ("num_cross_attn_layers", "encoder_config", "encoder_hidden_size", "cross_attn_backend",
                 "rope_parameters", "num_key_value_heads", "kl_loss_mode"):
         assert reloaded[key] == original[key], key
+
+
+def test_generator_save_and_load_is_silent(source_model, tmp_path):
+    """save_pretrained + load_generator (weights and tokenizer) round-trips without any transformers
+    warning: AutoTokenizer reads config.json, and an unknown model_type made it warn on every load."""
+    directory = tmp_path / "saved"
+    source_model.save_pretrained(directory)
+    save_tiny_tokenizer(directory, ["who", "wrote", "it"])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")  # does not propagate to the root (caplog)
+    transformers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded, tokenizer = load_generator(str(directory))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [record.getMessage() for record in records] == []
+    assert isinstance(loaded.config, CepeConfig) and loaded.config.to_dict()["model_type"] == "cepe_llama"
+    assert_same_logits(loaded, source_model)
+    assert tokenizer.convert_tokens_to_ids("wrote") >= 4
 
 
 def test_convert_bin_to_safetensors(source_model, tmp_path):
@@ -571,7 +632,11 @@ def test_generation_with_cache_equals_without(model, masks_per_query):
         log_mask = torch.stack([log_mask, log_mask.flip(-1)], dim=1)
     contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     args = (contexts, batch.input_ids, batch.attention_mask, log_mask, 8)
-    cached = model.generate(*args, stop_token_ids=[], use_cache=True)
+    with warnings.catch_warnings():
+        # e.g. transformers' FutureWarning for a renamed cache keyword, which would later stop the
+        # cache from updating: the deprecated spelling must not be used
+        warnings.simplefilter("error")
+        cached = model.generate(*args, stop_token_ids=[], use_cache=True)
     recomputed = model.generate(*args, stop_token_ids=[], use_cache=False)
     assert torch.equal(cached, recomputed)
     expected_shape = (3, 2, 8) if masks_per_query else (3, 8)

@@ -21,6 +21,7 @@ DeepSpeed ZeRO-3 (``HfDeepSpeedConfig`` + ``from_pretrained`` / ``from_config``)
 # No ``from __future__ import annotations`` here: @strict validates CepeConfig's fields from their
 # annotations, which must stay real types rather than strings.
 
+import inspect
 import json
 import os
 from collections.abc import Iterable
@@ -31,13 +32,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -173,6 +175,12 @@ class CepeConfig(LlamaConfig):
         if not self.do_cross_attention:
             return []
         return list(range(self.num_hidden_layers - self.num_cross_attn_layers, self.num_hidden_layers))
+
+
+# Known to AutoConfig, so that whatever reads a saved model's config.json by its model_type
+# (AutoTokenizer.from_pretrained does, on every generator load) gets a CepeConfig, instead of
+# falling back to a bare PreTrainedConfig with a "model of type `cepe_llama`" warning.
+AutoConfig.register(CepeConfig.model_type, CepeConfig, exist_ok=True)
 
 
 def load_cepe_config(config_file: str | os.PathLike) -> CepeConfig:
@@ -320,6 +328,25 @@ class CepeCrossAttention(nn.Module):
         return self.o_proj(attended.transpose(1, 2).reshape(rows, seq_len, self.num_heads * self.head_dim))
 
 
+def _attention_cache_keyword() -> str:
+    """The keyword that hands LlamaAttention its KV cache in this transformers version.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed
+    in 5.40: passed then, it would be swallowed by ``**kwargs`` and the cache would stop updating).
+    """
+    parameters = inspect.signature(LlamaAttention.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise ImportError(
+        f"transformers {transformers.__version__}: LlamaAttention.forward takes neither 'cache' nor "
+        f"'past_key_values' (parameters: {', '.join(parameters)}); CEPE's generation cache needs one"
+    )
+
+
+_ATTENTION_CACHE_KEYWORD = _attention_cache_keyword()
+
+
 class CepeDecoderLayer(nn.Module):
     """Llama decoder layer with an optional cross-attention block between self-attention and MLP."""
 
@@ -340,7 +367,7 @@ class CepeDecoderLayer(nn.Module):
         key_bias: torch.Tensor | None = None,
         encoder_states: torch.Tensor | None = None,
         cross_keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """Tensors are positional so that reentrant checkpointing sees (and differentiates) them all.
 
@@ -351,7 +378,7 @@ class CepeDecoderLayer(nn.Module):
             self.input_layernorm(hidden_states),
             position_embeddings=(cos, sin),
             attention_mask=self_attn_mask,
-            past_key_values=past_key_values,
+            **{_ATTENTION_CACHE_KEYWORD: cache},
         )
         hidden_states = hidden_states + attended
         if self.cross_attn is not None and key_bias is not None:
@@ -385,7 +412,7 @@ class CepeDecoder(nn.Module):
         key_bias: torch.Tensor | None,
         encoder_states: tuple[torch.Tensor, ...] | None,
         cross_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states [R, Q, H] of the Q = input_ids.shape[1] newest tokens.
 
@@ -402,18 +429,23 @@ class CepeDecoder(nn.Module):
             if encoder_states is not None and idx in self.source_of_layer:
                 source = encoder_states[self.source_of_layer[idx]]
             layer_kv = cross_keys_values[idx] if cross_keys_values is not None else None
-            inputs = (hidden_states, self_attn_mask, cos, sin, key_bias, source)
-            if self._checkpoint_this_call(inputs, past_key_values, layer_kv):
+            # A layer without cross-attention does not read the mask: handing it key_bias would make
+            # a reentrant checkpoint of it (before the first cross-attention layer, where nothing
+            # else needs a gradient) return an output with no graph, which fails in backward.
+            layer_bias = key_bias if layer.cross_attn is not None else None
+            inputs = (hidden_states, self_attn_mask, cos, sin, layer_bias, source)
+            if self._checkpoint_this_call(inputs, cache, layer_kv):
                 hidden_states = checkpoint(layer, *inputs, use_reentrant=True)
             else:
-                hidden_states = layer(*inputs, layer_kv, past_key_values)
+                hidden_states = layer(*inputs, layer_kv, cache)
         return self.norm(hidden_states)
 
-    def _checkpoint_this_call(self, inputs: tuple, past_key_values: Any, layer_kv: Any) -> bool:
-        """Reentrant checkpointing only helps (and only works) when some input needs a gradient."""
+    def _checkpoint_this_call(self, inputs: tuple, cache: Any, layer_kv: Any) -> bool:
+        """Reentrant checkpointing only helps (and only works) when some input the layer uses
+        needs a gradient (``inputs`` must hold only those)."""
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return False
-        if past_key_values is not None or layer_kv is not None:
+        if cache is not None or layer_kv is not None:
             return False
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
@@ -450,13 +482,29 @@ class CepeEncoder(nn.Module):
         return tuple(all_states[-num_states:])
 
 
+class CepeLMHead(nn.Linear):
+    """The vocabulary projection, computed in (at least) fp32 whatever the weights' dtype.
+
+    bf16 logits keep ~3 significant digits (a rounding step of 1/64 at magnitude 2-4), which
+    shifts an answer's log-probability, the reranker's training signal, by up to ~1e-2. The
+    weight is cast for the product only (a transient [V, H] fp32 copy, kept for backward when a
+    gradient flows); fp64 stays fp64 (gradient checks). Still an ``nn.Linear`` called through
+    ``__call__``: same state-dict name, gathered by ZeRO-3 like any other module.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(hidden_states.to(dtype), self.weight.to(dtype), bias)
+
+
 def _build_modules(config: CepeConfig) -> dict[str, nn.Module]:
     """The three top-level parts, shared by the model and the checkpoint's expected-shape list."""
     if config.encoder_config is None:
         raise ValueError("CepeConfig field 'encoder_config' is missing: CEPE needs its encoder's Llama config")
     return {
         "model": CepeDecoder(config),
-        "lm_head": nn.Linear(config.hidden_size, config.vocab_size, bias=False),
+        "lm_head": CepeLMHead(config.hidden_size, config.vocab_size, bias=False),
         "encoder": CepeEncoder(config.encoder_llama_config()),
     }
 
@@ -802,7 +850,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         if encoder_input_ids is not None:
             contexts = self.encode_contexts(encoder_input_ids, encoder_attention_mask)
         hidden, labels, _ = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
-        logits = _at_least_fp32(self.lm_head(hidden))
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             targets = labels[:, 1:]
@@ -822,7 +870,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         """log p(labels[:, t] | tokens < t), aligned with ``labels`` ([R, S]; [B, m, S] for 3-D masks).
 
         Only the positions that predict a label go through ``lm_head`` (the vocabulary
-        projection dominates the cost when answers are short).
+        projection dominates the cost when answers are short), in fp32 for a bf16 model.
         """
         hidden, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
         if labels is None:
@@ -830,7 +878,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         is_target = labels != -100
         is_target[:, 0] = False  # nothing predicts the first token
         predicting = hidden[:, :-1][is_target[:, 1:]]
-        logits = _at_least_fp32(self.lm_head(predicting))
+        logits = self.lm_head(predicting)
         picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device)
         token_logprobs = token_logprobs.masked_scatter(is_target, picked)
@@ -917,11 +965,6 @@ class CepeForCausalContextLM(PreTrainedModel):
                 source = states[self.model.source_of_layer[idx]]
                 projected.append(layer.cross_attn.project_keys_values(source, rows))
         return projected
-
-
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits lose the answer's log-probability; fp64 (gradient checks) stays fp64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _all_ranks_done(finished: torch.Tensor) -> bool:
