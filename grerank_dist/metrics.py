@@ -263,11 +263,11 @@ def indirect_recall_at_k(
 
 
 def _ranking_metrics(
-    ranking: Sequence[int], relevant: Relevance, ks: Sequence[int], prefix: str, score_empty: bool
+    ranking: Sequence[int], relevant: Relevance, ks: Sequence[int], prefix: str, skip_empty: bool
 ) -> dict[str, Any]:
     n_relevant = len(_checked(ranking, relevant)[1])
     metrics: dict[str, Any] = {f"n_{prefix}relevant": n_relevant}
-    scored = n_relevant > 0 or score_empty
+    scored = n_relevant > 0 or not skip_empty
     for k in ks:
         metrics[f"{prefix}recall@{k}"] = recall_at_k(ranking, relevant, k) if scored else None
         metrics[f"{prefix}ndcg@{k}"] = ndcg_at_k(ranking, relevant, k) if scored else None
@@ -281,18 +281,19 @@ def retrieval_query_metrics(
     relevant: Relevance,
     ks: Sequence[int] = (5,),
     indirect: Relevance | None = None,
-    score_queries_without_relevant: bool = False,
+    skip_queries_without_relevant: bool = False,
 ) -> dict[str, Any]:
     """Recall@k, nDCG@k, Hit@k (each k), MRR of one query; ``indirect_*`` too when given.
 
-    A query with no relevant candidate gets None (left out of the averages) unless
-    ``score_queries_without_relevant``, where it scores 0 as DPR counts it. Indirect metrics
-    are None for a query without indirectly relevant candidates (App. E averages over the
-    queries that have some). ``n_relevant`` / ``n_indirect_relevant`` record the counts.
+    A query with no relevant candidate scores 0 (a miss), as DPR-style top-k accuracy on NQ/TQA
+    counts it; with ``skip_queries_without_relevant`` it gets None and is left out of the
+    averages. Indirect metrics are None for a query without indirectly relevant candidates
+    (App. E averages over the queries that have some). ``n_relevant`` /
+    ``n_indirect_relevant`` record the counts.
     """
-    metrics = _ranking_metrics(ranking, relevant, ks, "", score_queries_without_relevant)
+    metrics = _ranking_metrics(ranking, relevant, ks, "", skip_queries_without_relevant)
     if indirect is not None:
-        metrics.update(_ranking_metrics(ranking, indirect, ks, "indirect_", False))
+        metrics.update(_ranking_metrics(ranking, indirect, ks, "indirect_", True))
     return metrics
 
 
@@ -373,7 +374,7 @@ class RetrievalEvaluator:
     """
 
     ks: tuple[int, ...] = (1, 5, 10)
-    score_queries_without_relevant: bool = False
+    skip_queries_without_relevant: bool = False
     per_query: list[dict[str, Any]] = field(default_factory=list)
 
     def add(
@@ -390,7 +391,7 @@ class RetrievalEvaluator:
         """Score one query's ranking (and its generated answer when ``prediction`` is given)."""
         metrics: dict[str, Any] = {"id": query_id, "type": query_type}
         metrics.update(
-            retrieval_query_metrics(ranking, relevant, self.ks, indirect, self.score_queries_without_relevant)
+            retrieval_query_metrics(ranking, relevant, self.ks, indirect, self.skip_queries_without_relevant)
         )
         if prediction is not None:
             if answers is None:

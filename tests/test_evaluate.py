@@ -222,7 +222,7 @@ def test_hand_computed_metrics_for_two_queries(tmp_path):
     assert metrics["queries_per_s"] == pytest.approx(result.queries_per_s) and metrics["queries_per_s"] > 0
     header, rule, *rows = table.strip().splitlines()
     assert header == ("| Method | Recall@1 | Recall@3 | NDCG@1 | NDCG@3 | MRR | Indirect Recall@1 | "
-                      "Indirect Recall@3 | Indirect MRR | Indirect NDCG@1 | Indirect NDCG@3 |")
+                      "Indirect Recall@3 | Indirect MRR | Indirect NDCG@1 | Indirect NDCG@3 | N Queries Without Relevant |")
     assert rows[0].startswith("| retriever | 0.0 | 75.0 | 0.0 |") and rows[1].startswith("| oracle | 75.0 | 100.0 |")
 
 
@@ -232,7 +232,9 @@ def test_generator_setting_writes_outputs_that_match_independent_references(asse
     assert [q["index"] for q in predictions] == list(range(N_QUERIES))
     assert metrics["setting"] == "generator" and metrics["n_queries"] == N_QUERIES and metrics["queries_per_s"] > 0
     assert list(metrics["methods"]) == ["tiny", RETRIEVER, ORACLE]
-    assert table.splitlines()[0] == "| Method | Recall@1 | Recall@3 | NDCG@1 | NDCG@3 | MRR | EM | SubEM | F1 |"
+    assert table.splitlines()[0] == (
+        "| Method | Recall@1 | Recall@3 | NDCG@1 | NDCG@3 | MRR | EM | SubEM | F1 | N Queries Without Relevant |"
+    )
 
     reranker, reranker_tokenizer = load_reranker(assets["root"] / "reranker")
     model, tokenizer = load_generator(str(assets["root"] / "generator"))
@@ -319,3 +321,43 @@ def test_generator_setting_needs_a_generator_checkpoint(assets, tmp_path):
     config = load_config(TINY, [f"data.eval_file={assets['data']}"])  # generator.path: random:tiny
     with pytest.raises(ValueError, match="generator checkpoint directory"):
         evaluate(config, {}, assets["data"], "generator", KS, tmp_path)
+
+
+def test_queries_without_relevant_candidate_count_as_misses_unless_skipped(tmp_path):
+    """DPR's top-k convention by default: a query with no relevant candidate scores 0; the
+    ``--skip-no-relevant`` flag averages over the others. Either way the count is reported."""
+    records = [
+        {"id": "a", "question": "q one", "answers": ["x"], "ctxs": [
+            {"id": "a0", "title": "", "text": "t", "has_answer": False},
+            {"id": "a1", "title": "", "text": "t", "has_answer": True},
+            {"id": "a2", "title": "", "text": "t", "has_answer": False}]},
+        {"id": "b", "question": "q two", "answers": ["y"], "ctxs": [
+            {"id": "b0", "title": "", "text": "t", "has_answer": False},
+            {"id": "b1", "title": "", "text": "t", "has_answer": False},
+            {"id": "b2", "title": "", "text": "t", "has_answer": False}]},
+    ]
+    data = write_jsonl(tmp_path / "nq.jsonl", records)
+    config = load_config(TINY, ["data.n_candidates=3"])
+    evaluate(config, {}, data, "reranker", KS, tmp_path / "counted", batch_size=2)
+    code = cli_main(["eval", "--config", TINY, "--data", data, "--k", "1", "--k", "3", "--batch-size", "2",
+                     "--out", str(tmp_path / "skipped"), "--skip-no-relevant", "data.n_candidates=3"])
+    assert code == 0
+    counted, _, counted_table = read_outputs(tmp_path / "counted")
+    skipped, _, skipped_table = read_outputs(tmp_path / "skipped")
+
+    # retriever on "a": relevant {1} at rank 2 -> recall@1 0, recall@3 1, ndcg@3 1/log2(3), MRR 1/2
+    retriever = counted["methods"][RETRIEVER]
+    assert retriever["recall@3"] == pytest.approx((1 + 0) / 2)
+    assert retriever["ndcg@3"] == pytest.approx((1 / math.log2(3) + 0) / 2)
+    assert retriever["mrr"] == pytest.approx((1 / 2 + 0) / 2)
+    assert counted["methods"][ORACLE]["recall@1"] == pytest.approx((1 + 0) / 2)
+    retriever = skipped["methods"][RETRIEVER]
+    assert retriever["recall@3"] == 1.0 and retriever["mrr"] == pytest.approx(1 / 2)
+    assert skipped["methods"][ORACLE]["recall@1"] == 1.0
+
+    for metrics, table, policy in ((counted, counted_table, "scored 0"), (skipped, skipped_table, "skipped")):
+        assert metrics["n_queries_without_relevant"] == 1 and metrics["queries_without_relevant"] == policy
+        assert all(m["n_queries_without_relevant"] == 1 for m in metrics["methods"].values())
+        header, _, *rows = table.strip().splitlines()
+        assert header.endswith("| MRR | N Queries Without Relevant |")
+        assert all(row.endswith("| 1 |") for row in rows)

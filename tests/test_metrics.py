@@ -177,10 +177,11 @@ def test_indirect_recall() -> None:
 
 
 def test_retrieval_query_metrics_without_relevant() -> None:
-    metrics = retrieval_query_metrics([0, 1], [0, 0], ks=(1,))
-    assert metrics == {"n_relevant": 0, "recall@1": None, "ndcg@1": None, "hit@1": None, "mrr": None}
-    counted = retrieval_query_metrics([0, 1], [0, 0], ks=(1,), score_queries_without_relevant=True)
-    assert counted["recall@1"] == 0.0 and counted["mrr"] == 0.0
+    # DPR's top-k convention: a query with no relevant candidate is a miss, scored 0
+    counted = retrieval_query_metrics([0, 1], [0, 0], ks=(1,))
+    assert counted == {"n_relevant": 0, "recall@1": 0.0, "ndcg@1": 0.0, "hit@1": 0.0, "mrr": 0.0}
+    skipped = retrieval_query_metrics([0, 1], [0, 0], ks=(1,), skip_queries_without_relevant=True)
+    assert skipped == {"n_relevant": 0, "recall@1": None, "ndcg@1": None, "hit@1": None, "mrr": None}
 
 
 MULTIHOP_RECORD = {
@@ -237,17 +238,20 @@ def test_evaluator_on_an_nq_record_with_padding_scores() -> None:
     assert "indirect_mrr" not in metrics
 
 
-def test_aggregate_averages_over_scored_queries_and_by_type() -> None:
-    evaluator = RetrievalEvaluator(ks=(2,))
+@pytest.mark.parametrize("skip", [False, True])
+def test_aggregate_averages_over_scored_queries_and_by_type(skip: bool) -> None:
+    evaluator = RetrievalEvaluator(ks=(2,), skip_queries_without_relevant=skip)
     evaluator.add([0, 1, 2], {0}, query_type="bridge")  # recall@2 = 1
     evaluator.add([0, 1, 2], {1, 2}, query_type="comparison")  # recall@2 = 1/2
-    evaluator.add([0, 1, 2], set(), query_type="bridge")  # no relevant: left out
+    evaluator.add([0, 1, 2], set(), query_type="bridge")  # no relevant: 0 by default, or left out
     result = evaluator.compute()
-    assert result["recall@2"] == pytest.approx((1 + 0.5) / 2)
-    # MRR: 1 and 1/2 -> 0.75
-    assert result["mrr"] == pytest.approx(0.75)
+    # counted: (1 + 1/2 + 0) / 3 = 0.5; skipped: (1 + 1/2) / 2 = 0.75
+    assert result["recall@2"] == pytest.approx(0.75 if skip else 0.5)
+    # MRR: 1, 1/2 (and 0) -> 0.75 skipped, 0.5 counted
+    assert result["mrr"] == pytest.approx(0.75 if skip else 0.5)
     assert result["n_queries"] == 3 and result["n_queries_without_relevant"] == 1
-    assert result["bridge/recall@2"] == 1.0 and result["bridge/n_queries"] == 2
+    # bridge: 1 and the query without relevant -> 1 skipped, (1 + 0) / 2 counted
+    assert result["bridge/recall@2"] == (1.0 if skip else 0.5) and result["bridge/n_queries"] == 2
     assert result["comparison/recall@2"] == 0.5
     # the same dicts gathered from two "ranks" give the same aggregate
     assert aggregate_metrics(evaluator.per_query[:1] + evaluator.per_query[1:]) == result
