@@ -29,6 +29,8 @@ indices and any other sequence as labels, so ``[0, 1]`` means "candidate 1 is re
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Normalised answers that token F1 scores all-or-nothing (HotpotQA's evaluation script).
+_CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
 
 # Column orders of the paper's tables (keys as produced here, optionally prefixed by setting).
 SETTING_COLUMNS = ("recall@5", "ndcg@5", "mrr", "em", "subem", "f1")
@@ -85,11 +87,20 @@ def substring_exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """SQuAD token F1 (bag of normalised tokens), maximum over gold answers."""
-    predicted_tokens = normalize_answer(prediction).split()
+    """SQuAD token F1 (bag of normalised tokens), maximum over gold answers.
+
+    As in the HotpotQA evaluation (which CEPE uses), where the normalised prediction or gold
+    answer is one of yes / no / noanswer, F1 is 1 when they are equal and 0 otherwise: "yes it
+    is" gets no partial credit against "yes".
+    """
+    normalized = normalize_answer(prediction)
+    predicted_tokens = normalized.split()
     best = 0.0
     for answer in _gold_answers(answers):
-        gold_tokens = normalize_answer(answer).split()
+        gold = normalize_answer(answer)
+        if (normalized in _CLOSED_ANSWERS or gold in _CLOSED_ANSWERS) and normalized != gold:
+            continue
+        gold_tokens = gold.split()
         overlap = sum((Counter(predicted_tokens) & Counter(gold_tokens)).values())
         if overlap:
             precision = overlap / len(predicted_tokens)

@@ -125,6 +125,8 @@ def reference_answer_metrics(prediction: str, answers: list[str]) -> dict[str, f
     predicted = answer_words(prediction)
 
     def f1(gold: list[str]) -> float:
+        if {" ".join(predicted), " ".join(gold)} & {"yes", "no", "noanswer"} and predicted != gold:
+            return 0.0  # HotpotQA: yes / no / noanswer score all or nothing
         common = sum(min(predicted.count(w), gold.count(w)) for w in set(gold))
         return 0.0 if common == 0 else 2 * common / (len(predicted) + len(gold))
 

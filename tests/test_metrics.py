@@ -79,6 +79,21 @@ def test_token_f1() -> None:
     assert token_f1("Paris", ["London"]) == 0.0
 
 
+def test_token_f1_yes_no_noanswer_need_an_exact_match() -> None:
+    # HotpotQA/CEPE convention: where the normalised prediction or gold is yes / no / noanswer,
+    # F1 is 1 when they are equal and 0 otherwise (no partial token credit)
+    assert token_f1("Yes.", ["yes"]) == 1.0
+    # plain token F1 would give P = 1/3, R = 1 -> 0.5
+    assert token_f1("yes it is", ["yes"]) == 0.0
+    # plain token F1 would give P = 1, R = 1/2 -> 2/3
+    assert token_f1("no", ["no way"]) == 0.0
+    assert token_f1("noanswer", ["no answer"]) == 0.0
+    assert token_f1("noanswer", ["NoAnswer"]) == 1.0
+    # the rule applies per gold answer, then the maximum: gold "no" gives 0, gold "yes sir
+    # please" gives P = 2/2, R = 2/3 -> F1 = 2 * (2/3) / (5/3) = 0.8
+    assert token_f1("yes sir", ["no", "yes sir please"]) == pytest.approx(0.8)
+
+
 def test_answer_metrics_reject_a_bare_string_and_no_answers() -> None:
     with pytest.raises(TypeError, match="list of strings"):
         exact_match("x", "x")
