@@ -154,20 +154,23 @@ def _to_float_array(values: Any, name: str) -> np.ndarray:
 def rank_by_scores(scores: Any, valid: Any = None) -> list[int]:
     """Candidate indices by score, best first; ties keep the original (retriever) order.
 
-    ``valid`` (one boolean per candidate) leaves padding candidates out of the ranking. A
-    stable sort on the negated scores gives the tie-break, so a reranker that scores all
-    candidates alike reproduces the retriever's order instead of an arbitrary one.
+    ``valid`` (one boolean per candidate) leaves padding candidates out of the ranking. The
+    order is :func:`grerank_dist.relax.rank_candidates`, the rule of the training-side hard
+    masks too, so a reranker that scores all candidates alike reproduces the retriever's order
+    instead of an arbitrary one, here and in the generator's hard top-k.
     """
+    import torch  # late, like the next import: prepare's converters need no torch
+
+    from grerank_dist.relax import rank_candidates
+
     values = _to_float_array(scores, "scores")
     if np.isnan(values).any():
         raise ValueError(f"scores contain NaN at candidate(s) {np.flatnonzero(np.isnan(values)).tolist()}")
-    order = np.argsort(-values, kind="stable").tolist()
-    if valid is None:
-        return order
-    keep = _to_float_array(valid, "valid")
+    keep = np.ones_like(values) if valid is None else _to_float_array(valid, "valid")
     if keep.shape != values.shape:
         raise ValueError(f"valid has {keep.shape[0]} entries but scores has {values.shape[0]}")
-    return [i for i in order if keep[i]]
+    order = rank_candidates(torch.from_numpy(values), torch.from_numpy(keep != 0)).tolist()
+    return order[: int(np.count_nonzero(keep))]
 
 
 def _relevant_indices(relevant: Relevance) -> set[int]:

@@ -18,9 +18,11 @@ import torch
 from grerank_dist.cli import main as cli_main
 from grerank_dist.config import load_config
 from grerank_dist.data import Collator
-from grerank_dist.evaluate import ORACLE, RETRIEVER, evaluate, generate_topk, shard_batches, stop_token_ids
+from grerank_dist.evaluate import ORACLE, RETRIEVER, evaluate, generate_topk, method_rankings, shard_batches
+from grerank_dist.evaluate import stop_token_ids, topk_log_mask
 from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config
+from grerank_dist.relax import hard_topk_log_mask
 from grerank_dist.reranker import export_reranker, load_reranker, tiny_reranker
 from grerank_dist.tokenization import build_word_tokenizer
 from grerank_dist.train import record_texts
@@ -181,6 +183,17 @@ def test_topk_generation_equals_generation_from_the_kept_documents_alone(assets,
             lengths.append(len(expected))
     # The data exercises early stops and padded candidates (record 4 has fewer than 3 documents).
     assert min(lengths) < MAX_NEW_TOKENS and len(records[4]["ctxs"]) == 2
+
+
+def test_evaluation_and_training_hard_masks_share_one_stable_top_k_rule():
+    """Ties (a reranker scoring candidates alike) are broken by candidate order everywhere: the
+    evaluation rankings, the generator's hard log-mask built from them, and relax's hard mask."""
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    rankings = method_rankings("tiny", [{"ctxs": [{}] * 8}] * 2, [[False] * 8] * 2, scores)
+    assert rankings == [list(range(8)), [0, 1, 2, 3, 4, 5, 6, 7]]
+    for k in (1, 3, 5):
+        assert torch.equal(topk_log_mask(rankings, k, 8), hard_topk_log_mask(scores, k, valid))
 
 
 def test_hand_computed_metrics_for_two_queries(tmp_path):
