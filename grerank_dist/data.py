@@ -265,7 +265,9 @@ class Collator:
         else:
             rr, valid = {}, candidate_mask(records, n)
         docs = [
-            d.doc_template.format(title=ctx["title"], text=ctx["text"]) for ctx in _padded_ctxs(records, n)
+            d.doc_template.format(title=ctx["title"], text=ctx["text"], question=record["question"])
+            for record in records
+            for ctx in _padded_ctxs([record], n)
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
         # A padded (invalid) candidate still gets one real token so the encoder never sees an
