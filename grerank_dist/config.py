@@ -74,6 +74,9 @@ class DataConfig:
     answer_choice: str = "first"  # first | shortest | random (seeded by epoch and record)
     answer_eos: bool = False  # append EOS to the training answer
     skip_bad_records: bool = False
+    # score: candidates ordered by their `score` (descending, ties in file order) before the
+    # first n_candidates are kept, when every candidate of the record has one; file: file order.
+    candidate_order: str = "score"
 
 
 @dataclass
@@ -137,6 +140,7 @@ TEMPLATE_FIELDS = {
     "passage_template": ("title", "text"),  # the reranker's passage; the question is the pair's first text
 }
 ANSWER_CHOICES = ("first", "shortest", "random")
+CANDIDATE_ORDERS = ("score", "file")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -284,6 +288,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     if d.answer_choice not in ANSWER_CHOICES:
         fail("data.answer_choice", f"must be one of {ANSWER_CHOICES}, got {d.answer_choice!r}")
+    if d.candidate_order not in CANDIDATE_ORDERS:
+        fail("data.candidate_order", f"must be one of {CANDIDATE_ORDERS}, got {d.candidate_order!r}")
     for key, value, minimum in (
         ("train.micro_batch_size", t.micro_batch_size, 1),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),

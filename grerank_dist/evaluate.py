@@ -4,11 +4,11 @@
                  [--setting reranker|generator|mining] [--k 5 --k 10] [--skip-no-relevant] [--out DIR]
 
 Each method ranks the candidates of every query: the given rerankers by their scores, and in
-the same run the retriever's own order and the oracle (gold-relevant candidates first).
-Retrieval metrics (Recall@k, NDCG@k, MRR, indirect recall) come from those rankings; in the
-generator setting the frozen generator also answers from each method's top ``relax.k``
-documents (a hard 0/-inf log-mask, greedy decoding) and EM, SubEM and F1 are added. The mining
-setting is the reranker setting on the training queries.
+the same run the retriever (the candidates' ``score`` order, see ``data.candidate_order``) and
+the oracle (gold-relevant candidates first). Retrieval metrics (Recall@k, NDCG@k, MRR, indirect
+recall) come from those rankings; in the generator setting the frozen generator also answers
+from each method's top ``relax.k`` documents (a hard 0/-inf log-mask, greedy decoding) and EM,
+SubEM and F1 are added. The mining setting is the reranker setting on the training queries.
 
 A query none of whose candidates is relevant scores 0 on every retrieval metric (a miss), as
 DPR-style top-k accuracy on NQ/TQA counts it; ``--skip-no-relevant`` leaves such queries out of
@@ -97,8 +97,9 @@ def candidate_scores(
 def method_rankings(
     method: str, records: list[dict[str, Any]], relevance: list[list[bool]], scores: torch.Tensor | None = None
 ) -> list[list[int]]:
-    """Each record's real candidates, best first: by ``scores`` for a reranker, in file order for
-    the retriever, gold-relevant ones first (then file order) for the oracle."""
+    """Each record's real candidates, best first: by ``scores`` for a reranker, in their loaded
+    order for the retriever (its score order: ``read_records`` sorts by score unless
+    ``data.candidate_order`` is "file"), gold-relevant ones first (then that order) for the oracle."""
     if method == RETRIEVER:
         return [list(range(len(record["ctxs"]))) for record in records]
     if method == ORACLE:
@@ -224,7 +225,9 @@ def evaluate(
             "directory (a random generator's answers mean nothing)"
         )
     strategy = strategy or DeepSpeedStrategy(config)
-    records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records)
+    records, report = read_records(
+        data_file, config.data.n_candidates, config.data.skip_bad_records, config.data.candidate_order
+    )
     if strategy.is_main:
         print(report.summary(), flush=True)
 

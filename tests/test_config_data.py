@@ -40,6 +40,7 @@ def test_overrides_and_defaults(tmp_path):
         ("", ["data.passage_template='{0} {text}'"], "data.passage_template: unknown placeholder {0}"),
         ("", ["data.doc_template='{text.upper}'"], "data.doc_template: unknown placeholder {text.upper}"),
         ("", ["data.doc_template='{text'"], "data.doc_template: malformed template"),
+        ("", ["data.candidate_order=rank"], "data.candidate_order: must be one of ('score', 'file'), got 'rank'"),
         ("", ["relax.k=three"], "relax.k: expected int, got 'three'"),
         ("", ["train.lr=[1]"], "train.lr: expected float"),
         ("relax: [1, 2]\n", [], "relax: expected a mapping"),
@@ -121,6 +122,31 @@ def test_record_normalisation(tmp_path):
     assert records[0]["ctxs"][0]["has_answer"] is True and records[0]["ctxs"][0]["score"] == 1.5
     assert records[1]["answers"] == ["t1"] and len(records[1]["ctxs"]) == 5
     assert (report.truncated, report.padded) == (1, 1)
+
+
+def test_candidates_are_ordered_by_score_before_truncation(tmp_path):
+    """A shuffled file (HotpotQA paragraphs, merged runs) keeps its best-scored candidates, best
+    first, ties in file order; file order only on request or when a candidate has no score."""
+    scores = [2, 5, 1, 5, 3, 4]
+    shuffled = {"question": "q", "answers": ["a"], "ctxs": [
+        {"id": f"p{i}", "text": "x", "score": str(s)} for i, s in enumerate(scores)]}
+    unscored = {"question": "q", "answers": ["a"], "ctxs": [{"text": "x", "score": 9}, {"text": "y"}, {"text": "z", "score": 10}]}
+    path = write_lines(tmp_path, [json.dumps(shuffled), json.dumps(unscored)])
+    records, report = read_records(path, n_candidates=4)
+    # by score: 5 (p1), 5 (p3, the tie after p1), 4 (p5), 3 (p4) | 2 (p0), 1 (p2) cut
+    assert [c["id"] for c in records[0]["ctxs"]] == ["p1", "p3", "p5", "p4"]
+    assert [c["score"] for c in records[0]["ctxs"]] == [5.0, 5.0, 4.0, 3.0]
+    assert [c["text"] for c in records[1]["ctxs"]] == ["x", "y", "z"]  # a score is missing: file order
+    assert [c["id"] for c in records[1]["ctxs"]] == ["0", "1", "2"]
+    assert report.reordered == 1 and "1 reordered by score" in report.summary()
+    records, report = read_records(path, n_candidates=4, candidate_order="file")
+    assert [c["id"] for c in records[0]["ctxs"]] == ["p0", "p1", "p2", "p3"] and report.reordered == 0
+    with pytest.raises(ValueError, match="candidate_order must be one of"):
+        read_records(path, n_candidates=4, candidate_order="rank")
+    # errors name the candidate's position in the file, not in the sorted list
+    bad = {"question": "q", "answers": ["a"], "ctxs": [{"text": "x", "score": 1}, {"title": "t", "score": 2}]}
+    with pytest.raises(RecordError, match=r"d.jsonl:1: field 'ctxs\[1\].text'"):
+        read_records(write_lines(tmp_path, [json.dumps(bad)]), n_candidates=4)
 
 
 def test_answer_choice():

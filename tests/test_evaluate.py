@@ -338,6 +338,28 @@ def test_generator_setting_needs_a_generator_checkpoint(assets, tmp_path):
         evaluate(config, {}, assets["data"], "generator", KS, tmp_path)
 
 
+@pytest.mark.parametrize("order", ["score", "file"])
+def test_retriever_row_is_the_score_order_of_a_shuffled_file(tmp_path, order):
+    """Candidates written out of score order: the retriever baseline ranks them by score
+    (data.candidate_order=score, the default); file order only on request."""
+    scored = [("a0", 0.1, False), ("a1", 0.9, True), ("a2", 0.5, False), ("a3", 0.7, True), ("a4", 0.3, False)]
+    records = [{"id": "a", "question": "q", "answers": ["x"], "ctxs": [
+        {"id": cid, "title": "", "text": "t", "score": score, "has_answer": gold} for cid, score, gold in scored]}]
+    data = write_jsonl(tmp_path / "shuffled.jsonl", records)
+    config = load_config(TINY, ["data.n_candidates=4", f"data.candidate_order={order}"])
+    evaluate(config, {}, data, "reranker", KS, tmp_path / "out", batch_size=1)
+    metrics, predictions, _ = read_outputs(tmp_path / "out")
+    retriever = metrics["methods"][RETRIEVER]
+    if order == "score":
+        # kept: the four best scores, a1 (0.9), a3 (0.7), a2 (0.5), a4 (0.3); relevant {a1, a3}
+        assert predictions[0]["methods"][RETRIEVER]["ranking"] == ["a1", "a3", "a2", "a4"]
+        assert (retriever["recall@1"], retriever["recall@3"], retriever["mrr"]) == (0.5, 1.0, 1.0)
+    else:
+        # kept: the first four, a0, a1, a2, a3; relevant {a1, a3} at ranks 2 and 4
+        assert predictions[0]["methods"][RETRIEVER]["ranking"] == ["a0", "a1", "a2", "a3"]
+        assert (retriever["recall@1"], retriever["recall@3"], retriever["mrr"]) == (0.0, 0.5, 0.5)
+
+
 def test_queries_without_relevant_candidate_count_as_misses_unless_skipped(tmp_path):
     """DPR's top-k convention by default: a query with no relevant candidate scores 0; the
     ``--skip-no-relevant`` flag averages over the others. Either way the count is reported."""
