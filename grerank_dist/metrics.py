@@ -109,22 +109,26 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
-def has_answer(text: str, answers: Sequence[str]) -> bool:
-    """Whether a passage contains a gold answer: labels NQ/TQA relevance where a file lacks it.
+def has_answer(ctx: Mapping[str, Any], answers: Sequence[str]) -> bool:
+    """Whether a candidate ``{title, text}`` contains a gold answer: the project's one rule for
+    the ``has_answer`` labels (NQ/TQA relevance where a file lacks it, and the answer-bearing
+    documents that indirect-evidence recall leaves out), used by the loader, the converters
+    and the synthetic benchmark.
 
-    Matches whole normalised tokens (``" " + answer + " "`` inside ``" " + text + " "``), as
+    The passage text alone is searched, not the title, as DPR labels its retrieval results.
+    Whole normalised tokens match (``" " + answer + " "`` inside ``" " + text + " "``), as
     DPR's token-level check does, so that "yes" is not found in "yesterday". Answers that
     normalise to nothing never match.
     """
-    return answer_finder(answers)(text)
+    return answer_finder(answers)(ctx)
 
 
-def answer_finder(answers: Sequence[str]) -> Callable[[str], bool]:
-    """:func:`has_answer` for one question's answers, normalised once for many passages."""
+def answer_finder(answers: Sequence[str]) -> Callable[[Mapping[str, Any]], bool]:
+    """:func:`has_answer` for one question's answers, normalised once for many candidates."""
     golds = [f" {gold} " for gold in map(normalize_answer, _gold_answers(answers)) if gold]
 
-    def contains_answer(text: str) -> bool:
-        padded_text = f" {normalize_answer(text)} "
+    def contains_answer(ctx: Mapping[str, Any]) -> bool:
+        padded_text = f" {normalize_answer(ctx['text'])} "
         return any(gold in padded_text for gold in golds)
 
     return contains_answer
@@ -334,7 +338,7 @@ def gold_labels(record: Mapping[str, Any]) -> tuple[list[bool], list[bool] | Non
     contains = []
     for ctx in ctxs:
         flag = _ctx_flag(ctx, "has_answer", "hasanswer")
-        contains.append(has_answer(ctx["text"], record["answers"]) if flag is None else flag)
+        contains.append(has_answer(ctx, record["answers"]) if flag is None else flag)
     if not any(ctx.get("is_supporting") is not None for ctx in ctxs):
         return contains, None
     supporting = [bool(ctx.get("is_supporting")) for ctx in ctxs]

@@ -348,7 +348,7 @@ def _retrieval_ctx(
     label_key = "has_answer" if ctx.get("has_answer") is not None else "hasanswer"
     if ctx.get(label_key) is None:
         report.adjustments["has_answer computed from the text"] += 1
-        out["has_answer"] = has_answer(text, answers)
+        out["has_answer"] = has_answer(out, answers)
     else:
         out["has_answer"] = _flag(ctx[label_key], where, f"{at}.{label_key}")
     return out
@@ -536,7 +536,7 @@ def _assemble_multihop(
                     "id": f"{questions[source].id}/{p}",
                     "title": title,
                     "text": text,
-                    "has_answer": contains_answer(text),
+                    "has_answer": contains_answer({"title": title, "text": text}),
                     "is_supporting": gold and source == position,
                 }
             )

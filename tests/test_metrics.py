@@ -101,14 +101,26 @@ def test_answer_metrics_reject_a_bare_string_and_no_answers() -> None:
         token_f1("x", [])
 
 
+def passage(text: str, title: str = "") -> dict[str, str]:
+    return {"title": title, "text": text}
+
+
 def test_has_answer_matches_whole_normalised_tokens() -> None:
-    assert has_answer("He was born in Leeds, England.", ["leeds"])
+    assert has_answer(passage("He was born in Leeds, England."), ["leeds"])
     # "yes" is not a word of "yesterday"
-    assert not has_answer("It happened yesterday.", ["yes"])
+    assert not has_answer(passage("It happened yesterday."), ["yes"])
     # tokens must be contiguous: "ernest miller hemingway" lacks "ernest hemingway"
-    assert not has_answer("Ernest Miller Hemingway was a novelist.", ["Ernest Hemingway"])
+    assert not has_answer(passage("Ernest Miller Hemingway was a novelist."), ["Ernest Hemingway"])
     # punctuation-insensitive: "the U.S. Army" -> "us army"; second gold answer matches
-    assert has_answer("He served in the U.S. Army.", ["Navy", "US Army"])
+    assert has_answer(passage("He served in the U.S. Army."), ["Navy", "US Army"])
+
+
+def test_has_answer_reads_the_passage_text_not_the_title() -> None:
+    # DPR's rule: an answer in the title alone does not make the passage answer-bearing
+    assert not has_answer(passage("A city in West Yorkshire.", title="Leeds"), ["Leeds"])
+    assert has_answer(passage("Leeds is a city.", title="Yorkshire"), ["Leeds"])
+    record = {"answers": ["Leeds"], "ctxs": [passage("A city.", title="Leeds"), passage("Born in Leeds.", title="Marsh")]}
+    assert gold_labels(record) == ([False, True], None)  # unlabelled ctxs get the same rule
 
 
 # ------------------------------------------------------------------ rankings

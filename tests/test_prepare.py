@@ -75,6 +75,14 @@ def test_tqa_fid_lines_target_hasanswer_and_computed_labels(tmp_path: Path) -> N
     assert report.adjustments["fewer than 20 ctxs (kept as they are)"] == 2
 
 
+def test_computed_has_answer_reads_the_text_not_the_title(tmp_path: Path) -> None:
+    ctxs = [{"id": "1", "title": "Canberra", "text": "The city was founded in 1913."},
+            {"id": "2", "title": "Australia", "text": "Its capital is Canberra."}]
+    source = _write_array(tmp_path / "dpr.json", [{"question": "capital of australia?", "answers": ["Canberra"], "ctxs": ctxs}])
+    convert("nq", source, tmp_path / "nq.jsonl")
+    assert [c["has_answer"] for c in _read_jsonl(tmp_path / "nq.jsonl")[0]["ctxs"]] == [False, True]
+
+
 # ------------------------------------------------------------------ HotpotQA / 2Wiki / MuSiQue
 
 HOTPOT_SUPPORTING = {
