@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from grerank_dist.config import CANDIDATE_ORDERS, DataConfig
-from grerank_dist.metrics import gold_labels
+from grerank_dist.metrics import gold_labels, retriever_order
 
 
 class RecordError(ValueError):
@@ -76,13 +76,15 @@ def _as_score(value: Any, where: str) -> float | None:
 
 
 def _ranked_positions(ctxs: list[Any], where: str, candidate_order: str) -> list[int]:
-    """File positions of the ctxs in retriever order: by descending ``score`` (a stable sort, ties
-    in file order) when every ctx has one and ``candidate_order`` is "score", else file order."""
-    positions = list(range(len(ctxs)))
-    if candidate_order == "file" or not all(isinstance(c, dict) and c.get("score") is not None for c in ctxs):
-        return positions
-    scores = [_as_score(ctx["score"], f"{where}: field 'ctxs[{i}].score'") for i, ctx in enumerate(ctxs)]
-    return sorted(positions, key=lambda i: -scores[i])
+    """File positions of the ctxs in retriever order (:func:`metrics.retriever_order`: by
+    descending ``score`` when every ctx has one), or file order when ``candidate_order`` is "file"."""
+    if candidate_order == "file":
+        return list(range(len(ctxs)))
+    scores = [
+        _as_score(ctx.get("score"), f"{where}: field 'ctxs[{i}].score'") if isinstance(ctx, dict) else None
+        for i, ctx in enumerate(ctxs)
+    ]
+    return retriever_order(scores)
 
 
 def normalize_record(raw: Any, where: str, n_candidates: int, candidate_order: str = "score") -> dict[str, Any]:

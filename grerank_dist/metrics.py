@@ -326,6 +326,19 @@ def _ctx_flag(ctx: Mapping[str, Any], *names: str) -> bool | None:
     return None
 
 
+def retriever_order(scores: Sequence[float | None]) -> list[int]:
+    """Positions of a query's candidates in the retriever's ranking: by descending score, ties
+    in file order (a stable sort), when every candidate has a score; file order otherwise.
+
+    The rule FiD applies when it reads retrieval files, used by the loader and the NQ/TQA
+    converter before they keep the first n candidates: a file need not be sorted by score.
+    """
+    positions = list(range(len(scores)))
+    if any(score is None for score in scores):
+        return positions
+    return sorted(positions, key=lambda i: -scores[i])
+
+
 def gold_labels(record: Mapping[str, Any]) -> tuple[list[bool], list[bool] | None]:
     """(relevance, indirect relevance) of a record's candidates.
 
