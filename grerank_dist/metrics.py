@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+
+from grerank_dist.relax import rank_candidates
 
 Relevance = set[int] | frozenset[int] | Sequence[bool] | Sequence[int] | np.ndarray
 """Gold relevance of a query's candidates: a ``set`` of relevant candidate indices, or one
@@ -163,10 +166,6 @@ def rank_by_scores(scores: Any, valid: Any = None) -> list[int]:
     masks too, so a reranker that scores all candidates alike reproduces the retriever's order
     instead of an arbitrary one, here and in the generator's hard top-k.
     """
-    import torch  # late, like the next import: prepare's converters need no torch
-
-    from grerank_dist.relax import rank_candidates
-
     values = _to_float_array(scores, "scores")
     if np.isnan(values).any():
         raise ValueError(f"scores contain NaN at candidate(s) {np.flatnonzero(np.isnan(values)).tolist()}")
@@ -328,15 +327,14 @@ def _ctx_flag(ctx: Mapping[str, Any], *names: str) -> bool | None:
 
 def retriever_order(scores: Sequence[float | None]) -> list[int]:
     """Positions of a query's candidates in the retriever's ranking: by descending score, ties
-    in file order (a stable sort), when every candidate has a score; file order otherwise.
+    in file order (:func:`rank_by_scores`), when every candidate has a score; file order otherwise.
 
     The rule FiD applies when it reads retrieval files, used by the loader and the NQ/TQA
     converter before they keep the first n candidates: a file need not be sorted by score.
     """
-    positions = list(range(len(scores)))
     if any(score is None for score in scores):
-        return positions
-    return sorted(positions, key=lambda i: -scores[i])
+        return list(range(len(scores)))
+    return rank_by_scores(scores)
 
 
 def gold_labels(record: Mapping[str, Any]) -> tuple[list[bool], list[bool] | None]:
