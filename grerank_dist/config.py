@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class DataConfig:
     eval_file: str = ""
     n_candidates: int = 20
     doc_max_tokens: int = 256
+    # Placeholders (checked at load, see TEMPLATE_FIELDS): doc_template {title} {text} {question},
+    # prompt_template {question}, passage_template {title} {text}.
     doc_template: str = "Document (Title: {title}): {text}"
     prompt_template: str = "Question: {question}\nAnswer:"
     passage_template: str = "{title} {text}"
@@ -71,6 +74,9 @@ class DataConfig:
     answer_choice: str = "first"  # first | shortest | random (seeded by epoch and record)
     answer_eos: bool = False  # append EOS to the training answer
     skip_bad_records: bool = False
+    # score: candidates ordered by their `score` (descending, ties in file order) before the
+    # first n_candidates are kept, when every candidate of the record has one; file: file order.
+    candidate_order: str = "score"
 
 
 @dataclass
@@ -127,7 +133,14 @@ class TrainConfig:
 
 
 SCHEDULES = ("linear", "cosine", "constant")
+# The placeholders the collator fills in each data template (data.Collator, data.reranker_pairs).
+TEMPLATE_FIELDS = {
+    "doc_template": ("title", "text", "question"),  # the generator's documents (FiD puts the question there)
+    "prompt_template": ("question",),
+    "passage_template": ("title", "text"),  # the reranker's passage; the question is the pair's first text
+}
 ANSWER_CHOICES = ("first", "shortest", "random")
+CANDIDATE_ORDERS = ("score", "file")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -275,6 +288,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     if d.answer_choice not in ANSWER_CHOICES:
         fail("data.answer_choice", f"must be one of {ANSWER_CHOICES}, got {d.answer_choice!r}")
+    if d.candidate_order not in CANDIDATE_ORDERS:
+        fail("data.candidate_order", f"must be one of {CANDIDATE_ORDERS}, got {d.candidate_order!r}")
     for key, value, minimum in (
         ("train.micro_batch_size", t.micro_batch_size, 1),
         ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
@@ -299,12 +314,31 @@ def validate(config: TrainConfig, where: str = "config") -> None:
             fail(key, f"must be auto, float32, bfloat16 or float16, got {value!r}")
     if not 0 <= config.seed < 2**20:
         fail("seed", f"must be in [0, 2**20) (it is packed into the per-rank noise seeds), got {config.seed}")
-    for key in ("doc_template", "prompt_template", "passage_template"):
-        template = getattr(d, key)
-        try:
-            template.format(title="t", text="x", question="q")
-        except (KeyError, IndexError) as exc:
-            fail(f"data.{key}", f"unknown placeholder {exc} (use {{title}}, {{text}}, {{question}})")
+    for key, allowed in TEMPLATE_FIELDS.items():
+        problem = _template_problem(getattr(d, key), allowed)
+        if problem:
+            fail(f"data.{key}", problem)
+
+
+def _template_problem(template: str, allowed: tuple[str, ...]) -> str | None:
+    """Why the collator could not fill ``template`` with the fields ``allowed``, or None.
+
+    Checked at load time so that a bad placeholder is a config error, not a KeyError after the
+    models are built.
+    """
+    names = ", ".join(f"{{{name}}}" for name in allowed)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        return f"malformed template {template!r} ({exc})"
+    for field_name in fields:
+        if field_name not in allowed:
+            return f"unknown placeholder {{{field_name}}} in {template!r} (allowed: {names})"
+    try:
+        template.format(**{name: "x" for name in allowed})
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:  # e.g. a bad format spec
+        return f"malformed template {template!r} ({exc})"
+    return None
 
 
 def _is_number(value: Any) -> bool:

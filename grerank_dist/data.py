@@ -4,8 +4,12 @@ Records follow the FiD/DPR JSON-lines convention: ``question``, ``answers`` (``a
 FiD's ``target`` accepted), ``ctxs`` of ``{title, text}`` with optional ``id``, ``score``,
 ``has_answer`` (``hasanswer`` accepted) and ``is_supporting``. Every record is checked as it is
 read; a bad one is an error naming the file, the line and the field (or, when the user asks,
-skipped and counted). The first ``n_candidates`` ctxs are kept; shorter lists are padded with
-invalid candidates that the relaxation never selects.
+skipped and counted). When every ctx of a record has a ``score`` the ctxs are first ordered by
+it, descending, ties in file order (as FiD does: the retriever's ranking, whatever order the
+file is written in); ``candidate_order="file"`` keeps the file's order. The first
+``n_candidates`` ctxs are then kept; shorter lists are padded with invalid candidates that the
+relaxation never selects. The candidates' order is the retriever's ranking from then on: the
+evaluation's "retriever" baseline and the tie-break of every top-k.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Any
 
 import torch
 
-from grerank_dist.config import DataConfig
-from grerank_dist.metrics import gold_labels
+from grerank_dist.config import CANDIDATE_ORDERS, DataConfig
+from grerank_dist.metrics import gold_labels, retriever_order
 
 
 class RecordError(ValueError):
@@ -37,12 +41,13 @@ class ReadReport:
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0  # records with more ctxs than n_candidates
     padded: int = 0  # records with fewer
+    reordered: int = 0  # records whose ctxs were not in score order in the file
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
         return (
             f"{self.path}: kept {self.kept} records (skipped: {skipped}; "
-            f"{self.truncated} truncated to n_candidates, {self.padded} padded)"
+            f"{self.truncated} truncated to n_candidates, {self.padded} padded, {self.reordered} reordered by score)"
         )
 
 
@@ -70,8 +75,21 @@ def _as_score(value: Any, where: str) -> float | None:
     return score
 
 
-def normalize_record(raw: Any, where: str, n_candidates: int) -> dict[str, Any]:
-    """Check one parsed record and return it in canonical form (``where`` = "file:line")."""
+def _ranked_positions(ctxs: list[Any], where: str, candidate_order: str) -> list[int]:
+    """File positions of the ctxs in retriever order (:func:`metrics.retriever_order`: by
+    descending ``score`` when every ctx has one), or file order when ``candidate_order`` is "file"."""
+    if candidate_order == "file":
+        return list(range(len(ctxs)))
+    scores = [
+        _as_score(ctx.get("score"), f"{where}: field 'ctxs[{i}].score'") if isinstance(ctx, dict) else None
+        for i, ctx in enumerate(ctxs)
+    ]
+    return retriever_order(scores)
+
+
+def normalize_record(raw: Any, where: str, n_candidates: int, candidate_order: str = "score") -> dict[str, Any]:
+    """Check one parsed record and return it in canonical form (``where`` = "file:line"), its
+    candidates in retriever order (see the module docstring) cut to ``n_candidates``."""
     if not isinstance(raw, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     question = raw.get("question")
@@ -90,8 +108,10 @@ def normalize_record(raw: Any, where: str, n_candidates: int) -> dict[str, Any]:
         raise RecordError(f"{where}: field 'ctxs': missing or not a list")
     if not ctxs:
         raise RecordError(f"{where}: field 'ctxs': empty (a record needs at least one candidate)")
+    positions = _ranked_positions(ctxs, where, candidate_order)
     candidates = []
-    for i, ctx in enumerate(ctxs[:n_candidates]):
+    for i in positions[:n_candidates]:  # i: the position in the file, for messages and default ids
+        ctx = ctxs[i]
         at = f"{where}: field 'ctxs[{i}]"
         if not isinstance(ctx, dict):
             raise RecordError(f"{at}': expected an object, got {type(ctx).__name__}")
@@ -119,13 +139,17 @@ def normalize_record(raw: Any, where: str, n_candidates: int) -> dict[str, Any]:
         "type": str(raw.get("type", "")),
         "ctxs": candidates,
         "n_ctxs_in_file": len(ctxs),
+        "reordered": positions != sorted(positions),
     }
 
 
 def read_records(
-    path: str | Path, n_candidates: int, skip_bad: bool = False
+    path: str | Path, n_candidates: int, skip_bad: bool = False, candidate_order: str = "score"
 ) -> tuple[list[dict[str, Any]], ReadReport]:
-    """Read and check a JSON-lines file. With ``skip_bad`` bad records are counted, not raised."""
+    """Read and check a JSON-lines file. With ``skip_bad`` bad records are counted, not raised;
+    ``candidate_order`` is ``data.candidate_order`` (see the module docstring)."""
+    if candidate_order not in CANDIDATE_ORDERS:
+        raise ValueError(f"candidate_order must be one of {CANDIDATE_ORDERS}, got {candidate_order!r}")
     path = Path(path)
     report = ReadReport(str(path))
     records: list[dict[str, Any]] = []
@@ -143,7 +167,7 @@ def read_records(
                     raw = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                record = normalize_record(raw, where, n_candidates)
+                record = normalize_record(raw, where, n_candidates, candidate_order)
             except RecordError as exc:
                 if not skip_bad:
                     raise
@@ -152,6 +176,7 @@ def read_records(
             record["line"] = line_no
             report.truncated += record["n_ctxs_in_file"] > n_candidates
             report.padded += record["n_ctxs_in_file"] < n_candidates
+            report.reordered += record["reordered"]
             records.append(record)
     if not records:
         raise RecordError(f"{path}: no usable records ({report.summary()})")
@@ -265,7 +290,9 @@ class Collator:
         else:
             rr, valid = {}, candidate_mask(records, n)
         docs = [
-            d.doc_template.format(title=ctx["title"], text=ctx["text"]) for ctx in _padded_ctxs(records, n)
+            d.doc_template.format(title=ctx["title"], text=ctx["text"], question=record["question"])
+            for record in records
+            for ctx in _padded_ctxs([record], n)
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
         # A padded (invalid) candidate still gets one real token so the encoder never sees an

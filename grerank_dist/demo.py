@@ -109,8 +109,8 @@ def run_demo(
     )
     timings["data_s"] = time.perf_counter() - t
 
-    records, _ = read_records(splits["train"], config.data.n_candidates)
-    test_records, _ = read_records(splits["test"], config.data.n_candidates)
+    records, _ = read_records(splits["train"], config.data.n_candidates, candidate_order=config.data.candidate_order)
+    test_records, _ = read_records(splits["test"], config.data.n_candidates, candidate_order=config.data.candidate_order)
     if reader is None:
         t = _stage("2/5 reader: train the tiny CEPE generator, then freeze it")
         reader_records = generate_records(sizes["reader_queries"], split_seed(seed, "reader"))

@@ -1,14 +1,18 @@
 """Evaluation in the paper's three settings (Sec. 4): mining, reranker, generator.
 
     grerank eval --config FILE --reranker DIR [--reranker NAME=DIR ...] [--data FILE]
-                 [--setting reranker|generator|mining] [--k 5 --k 10] [--out DIR]
+                 [--setting reranker|generator|mining] [--k 5 --k 10] [--skip-no-relevant] [--out DIR]
 
 Each method ranks the candidates of every query: the given rerankers by their scores, and in
-the same run the retriever's own order and the oracle (gold-relevant candidates first).
-Retrieval metrics (Recall@k, NDCG@k, MRR, indirect recall) come from those rankings; in the
-generator setting the frozen generator also answers from each method's top ``relax.k``
-documents (a hard 0/-inf log-mask, greedy decoding) and EM, SubEM and F1 are added. The mining
-setting is the reranker setting on the training queries.
+the same run the retriever (the candidates' ``score`` order, see ``data.candidate_order``) and
+the oracle (gold-relevant candidates first). Retrieval metrics (Recall@k, NDCG@k, MRR, indirect
+recall) come from those rankings; in the generator setting the frozen generator also answers
+from each method's top ``relax.k`` documents (a hard 0/-inf log-mask, greedy decoding) and EM,
+SubEM and F1 are added. The mining setting is the reranker setting on the training queries.
+
+A query none of whose candidates is relevant scores 0 on every retrieval metric (a miss), as
+DPR-style top-k accuracy on NQ/TQA counts it; ``--skip-no-relevant`` leaves such queries out of
+the averages instead. Either way their number is reported (``n_queries_without_relevant``).
 
 Queries are sharded over ranks and the per-query results gathered before averaging, so a
 distributed run averages exactly the queries a single process would. Each query is computed
@@ -93,8 +97,9 @@ def candidate_scores(
 def method_rankings(
     method: str, records: list[dict[str, Any]], relevance: list[list[bool]], scores: torch.Tensor | None = None
 ) -> list[list[int]]:
-    """Each record's real candidates, best first: by ``scores`` for a reranker, in file order for
-    the retriever, gold-relevant ones first (then file order) for the oracle."""
+    """Each record's real candidates, best first: by ``scores`` for a reranker, in their loaded
+    order for the retriever (its score order: ``read_records`` sorts by score unless
+    ``data.candidate_order`` is "file"), gold-relevant ones first (then that order) for the oracle."""
     if method == RETRIEVER:
         return [list(range(len(record["ctxs"]))) for record in records]
     if method == ORACLE:
@@ -201,9 +206,11 @@ def evaluate(
     out_dir: Path,
     batch_size: int | None = None,
     strategy: DeepSpeedStrategy | None = None,
+    skip_no_relevant: bool = False,
 ) -> EvalResult:
     """Rank (and in the generator setting answer) every query of ``data_file`` with each
-    reranker, the retriever and the oracle; write the outputs on rank 0."""
+    reranker, the retriever and the oracle; write the outputs on rank 0. ``skip_no_relevant``
+    leaves queries without a relevant candidate out of the retrieval averages (default: 0)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     ks = tuple(sorted(set(ks)))
@@ -218,7 +225,9 @@ def evaluate(
             "directory (a random generator's answers mean nothing)"
         )
     strategy = strategy or DeepSpeedStrategy(config)
-    records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records)
+    records, report = read_records(
+        data_file, config.data.n_candidates, config.data.skip_bad_records, config.data.candidate_order
+    )
     if strategy.is_main:
         print(report.summary(), flush=True)
 
@@ -243,7 +252,9 @@ def evaluate(
             rankings = {name: method_rankings(name, batch_records, relevance, scores.get(name)) for name in methods}
             answers = answerer(batch_records, ids, rankings) if answerer is not None else {}
         for row in range(real):
-            per_query.append(_query_entry(ids[row], batch_records[row], labels[row], row, ks, scores, rankings, answers))
+            per_query.append(
+                _query_entry(ids[row], batch_records[row], labels[row], row, ks, scores, rankings, answers, skip_no_relevant)
+            )
     if answerer is not None:
         strategy.release_generator_params()
 
@@ -263,6 +274,8 @@ def evaluate(
             "world_size": strategy.world_size,
             "seconds": elapsed,
             "queries_per_s": queries_per_s,
+            "n_queries_without_relevant": sum(q["methods"][ORACLE]["metrics"]["n_relevant"] == 0 for q in gathered),
+            "queries_without_relevant": "skipped" if skip_no_relevant else "scored 0",
             "methods": metrics,
         }
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +297,7 @@ def _query_entry(
     scores: dict[str, torch.Tensor],
     rankings: dict[str, list[list[int]]],
     answers: dict[str, list[str]],
+    skip_no_relevant: bool,
 ) -> dict[str, Any]:
     """One line of predictions.jsonl: per method the ranked ids, scores, answer and metrics."""
     relevant, indirect = labels
@@ -300,7 +314,7 @@ def _query_entry(
         result: dict[str, Any] = {"ranking": [record["ctxs"][i]["id"] for i in ranking]}
         if name in scores:
             result["scores"] = scores[name][row, : len(record["ctxs"])].tolist()
-        result["metrics"] = retrieval_query_metrics(ranking, relevant, ks, indirect)
+        result["metrics"] = retrieval_query_metrics(ranking, relevant, ks, indirect, skip_no_relevant)
         if name in answers:
             result["prediction"] = answers[name][row]
             result["metrics"].update(answer_query_metrics(answers[name][row], record["answers"]))
@@ -310,13 +324,14 @@ def _query_entry(
 
 def table_columns(ks: tuple[int, ...], metrics: dict[str, dict[str, Any]], with_answers: bool) -> list[str]:
     """The paper's column order: Table 1 (Recall@k, NDCG@k, MRR, EM, SubEM, F1), then Table 2's
-    indirect Recall@k, MRR, NDCG@k where the data has indirectly relevant documents."""
+    indirect Recall@k, MRR, NDCG@k where the data has indirectly relevant documents, then the
+    number of queries without a relevant candidate (they score 0 unless skipped)."""
     columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
     if with_answers:
         columns += ["em", "subem", "f1"]
     if any("indirect_mrr" in m for m in metrics.values()):
         columns += [f"indirect_recall@{k}" for k in ks] + ["indirect_mrr"] + [f"indirect_ndcg@{k}" for k in ks]
-    return columns
+    return columns + ["n_queries_without_relevant"]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -346,6 +361,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="records to evaluate (default: data.eval_file; mining: data.train_file)")
     parser.add_argument("--setting", choices=SETTINGS, default="reranker", help="which of the paper's settings")
     parser.add_argument("--k", type=int, action="append", default=None, help="cut-off for Recall/NDCG; repeatable (default 5)")
+    parser.add_argument(
+        "--skip-no-relevant", action="store_true",
+        help="leave queries without a relevant candidate out of the retrieval averages (default: they score 0)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="queries per rank per batch (default train.micro_batch_size)")
     parser.add_argument("--out", default=None, help="output directory (default OUTPUT/eval/SETTING)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -359,5 +378,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("no data: pass --data or set data.eval_file / data.train_file in the config")
     out = Path(args.out) if args.out else Path(config.output_dir) / "eval" / args.setting
     strategy = DeepSpeedStrategy(config, local_rank=args.local_rank)
-    evaluate(config, parse_rerankers(args.reranker), data, args.setting, tuple(args.k or [5]), out, args.batch_size, strategy)
+    evaluate(
+        config, parse_rerankers(args.reranker), data, args.setting, tuple(args.k or [5]), out, args.batch_size,
+        strategy, args.skip_no_relevant,
+    )
     return 0

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+
+from grerank_dist.relax import rank_candidates
 
 Relevance = set[int] | frozenset[int] | Sequence[bool] | Sequence[int] | np.ndarray
 """Gold relevance of a query's candidates: a ``set`` of relevant candidate indices, or one
@@ -29,6 +32,8 @@ indices and any other sequence as labels, so ``[0, 1]`` means "candidate 1 is re
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Normalised answers that token F1 scores all-or-nothing (HotpotQA's evaluation script).
+_CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
 
 # Column orders of the paper's tables (keys as produced here, optionally prefixed by setting).
 SETTING_COLUMNS = ("recall@5", "ndcg@5", "mrr", "em", "subem", "f1")
@@ -85,11 +90,20 @@ def substring_exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """SQuAD token F1 (bag of normalised tokens), maximum over gold answers."""
-    predicted_tokens = normalize_answer(prediction).split()
+    """SQuAD token F1 (bag of normalised tokens), maximum over gold answers.
+
+    As in the HotpotQA evaluation (which CEPE uses), where the normalised prediction or gold
+    answer is one of yes / no / noanswer, F1 is 1 when they are equal and 0 otherwise: "yes it
+    is" gets no partial credit against "yes".
+    """
+    normalized = normalize_answer(prediction)
+    predicted_tokens = normalized.split()
     best = 0.0
     for answer in _gold_answers(answers):
-        gold_tokens = normalize_answer(answer).split()
+        gold = normalize_answer(answer)
+        if (normalized in _CLOSED_ANSWERS or gold in _CLOSED_ANSWERS) and normalized != gold:
+            continue
+        gold_tokens = gold.split()
         overlap = sum((Counter(predicted_tokens) & Counter(gold_tokens)).values())
         if overlap:
             precision = overlap / len(predicted_tokens)
@@ -98,22 +112,26 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
-def has_answer(text: str, answers: Sequence[str]) -> bool:
-    """Whether a passage contains a gold answer: labels NQ/TQA relevance where a file lacks it.
+def has_answer(ctx: Mapping[str, Any], answers: Sequence[str]) -> bool:
+    """Whether a candidate ``{title, text}`` contains a gold answer: the project's one rule for
+    the ``has_answer`` labels (NQ/TQA relevance where a file lacks it, and the answer-bearing
+    documents that indirect-evidence recall leaves out), used by the loader, the converters
+    and the synthetic benchmark.
 
-    Matches whole normalised tokens (``" " + answer + " "`` inside ``" " + text + " "``), as
+    The passage text alone is searched, not the title, as DPR labels its retrieval results.
+    Whole normalised tokens match (``" " + answer + " "`` inside ``" " + text + " "``), as
     DPR's token-level check does, so that "yes" is not found in "yesterday". Answers that
     normalise to nothing never match.
     """
-    return answer_finder(answers)(text)
+    return answer_finder(answers)(ctx)
 
 
-def answer_finder(answers: Sequence[str]) -> Callable[[str], bool]:
-    """:func:`has_answer` for one question's answers, normalised once for many passages."""
+def answer_finder(answers: Sequence[str]) -> Callable[[Mapping[str, Any]], bool]:
+    """:func:`has_answer` for one question's answers, normalised once for many candidates."""
     golds = [f" {gold} " for gold in map(normalize_answer, _gold_answers(answers)) if gold]
 
-    def contains_answer(text: str) -> bool:
-        padded_text = f" {normalize_answer(text)} "
+    def contains_answer(ctx: Mapping[str, Any]) -> bool:
+        padded_text = f" {normalize_answer(ctx['text'])} "
         return any(gold in padded_text for gold in golds)
 
     return contains_answer
@@ -143,20 +161,19 @@ def _to_float_array(values: Any, name: str) -> np.ndarray:
 def rank_by_scores(scores: Any, valid: Any = None) -> list[int]:
     """Candidate indices by score, best first; ties keep the original (retriever) order.
 
-    ``valid`` (one boolean per candidate) leaves padding candidates out of the ranking. A
-    stable sort on the negated scores gives the tie-break, so a reranker that scores all
-    candidates alike reproduces the retriever's order instead of an arbitrary one.
+    ``valid`` (one boolean per candidate) leaves padding candidates out of the ranking. The
+    order is :func:`grerank_dist.relax.rank_candidates`, the rule of the training-side hard
+    masks too, so a reranker that scores all candidates alike reproduces the retriever's order
+    instead of an arbitrary one, here and in the generator's hard top-k.
     """
     values = _to_float_array(scores, "scores")
     if np.isnan(values).any():
         raise ValueError(f"scores contain NaN at candidate(s) {np.flatnonzero(np.isnan(values)).tolist()}")
-    order = np.argsort(-values, kind="stable").tolist()
-    if valid is None:
-        return order
-    keep = _to_float_array(valid, "valid")
+    keep = np.ones_like(values) if valid is None else _to_float_array(valid, "valid")
     if keep.shape != values.shape:
         raise ValueError(f"valid has {keep.shape[0]} entries but scores has {values.shape[0]}")
-    return [i for i in order if keep[i]]
+    order = rank_candidates(torch.from_numpy(values), torch.from_numpy(keep != 0)).tolist()
+    return order[: int(np.count_nonzero(keep))]
 
 
 def _relevant_indices(relevant: Relevance) -> set[int]:
@@ -263,11 +280,11 @@ def indirect_recall_at_k(
 
 
 def _ranking_metrics(
-    ranking: Sequence[int], relevant: Relevance, ks: Sequence[int], prefix: str, score_empty: bool
+    ranking: Sequence[int], relevant: Relevance, ks: Sequence[int], prefix: str, skip_empty: bool
 ) -> dict[str, Any]:
     n_relevant = len(_checked(ranking, relevant)[1])
     metrics: dict[str, Any] = {f"n_{prefix}relevant": n_relevant}
-    scored = n_relevant > 0 or score_empty
+    scored = n_relevant > 0 or not skip_empty
     for k in ks:
         metrics[f"{prefix}recall@{k}"] = recall_at_k(ranking, relevant, k) if scored else None
         metrics[f"{prefix}ndcg@{k}"] = ndcg_at_k(ranking, relevant, k) if scored else None
@@ -281,18 +298,19 @@ def retrieval_query_metrics(
     relevant: Relevance,
     ks: Sequence[int] = (5,),
     indirect: Relevance | None = None,
-    score_queries_without_relevant: bool = False,
+    skip_queries_without_relevant: bool = False,
 ) -> dict[str, Any]:
     """Recall@k, nDCG@k, Hit@k (each k), MRR of one query; ``indirect_*`` too when given.
 
-    A query with no relevant candidate gets None (left out of the averages) unless
-    ``score_queries_without_relevant``, where it scores 0 as DPR counts it. Indirect metrics
-    are None for a query without indirectly relevant candidates (App. E averages over the
-    queries that have some). ``n_relevant`` / ``n_indirect_relevant`` record the counts.
+    A query with no relevant candidate scores 0 (a miss), as DPR-style top-k accuracy on NQ/TQA
+    counts it; with ``skip_queries_without_relevant`` it gets None and is left out of the
+    averages. Indirect metrics are None for a query without indirectly relevant candidates
+    (App. E averages over the queries that have some). ``n_relevant`` /
+    ``n_indirect_relevant`` record the counts.
     """
-    metrics = _ranking_metrics(ranking, relevant, ks, "", score_queries_without_relevant)
+    metrics = _ranking_metrics(ranking, relevant, ks, "", skip_queries_without_relevant)
     if indirect is not None:
-        metrics.update(_ranking_metrics(ranking, indirect, ks, "indirect_", False))
+        metrics.update(_ranking_metrics(ranking, indirect, ks, "indirect_", True))
     return metrics
 
 
@@ -307,6 +325,18 @@ def _ctx_flag(ctx: Mapping[str, Any], *names: str) -> bool | None:
     return None
 
 
+def retriever_order(scores: Sequence[float | None]) -> list[int]:
+    """Positions of a query's candidates in the retriever's ranking: by descending score, ties
+    in file order (:func:`rank_by_scores`), when every candidate has a score; file order otherwise.
+
+    The rule FiD applies when it reads retrieval files, used by the loader and the NQ/TQA
+    converter before they keep the first n candidates: a file need not be sorted by score.
+    """
+    if any(score is None for score in scores):
+        return list(range(len(scores)))
+    return rank_by_scores(scores)
+
+
 def gold_labels(record: Mapping[str, Any]) -> tuple[list[bool], list[bool] | None]:
     """(relevance, indirect relevance) of a record's candidates.
 
@@ -319,7 +349,7 @@ def gold_labels(record: Mapping[str, Any]) -> tuple[list[bool], list[bool] | Non
     contains = []
     for ctx in ctxs:
         flag = _ctx_flag(ctx, "has_answer", "hasanswer")
-        contains.append(has_answer(ctx["text"], record["answers"]) if flag is None else flag)
+        contains.append(has_answer(ctx, record["answers"]) if flag is None else flag)
     if not any(ctx.get("is_supporting") is not None for ctx in ctxs):
         return contains, None
     supporting = [bool(ctx.get("is_supporting")) for ctx in ctxs]
@@ -373,7 +403,7 @@ class RetrievalEvaluator:
     """
 
     ks: tuple[int, ...] = (1, 5, 10)
-    score_queries_without_relevant: bool = False
+    skip_queries_without_relevant: bool = False
     per_query: list[dict[str, Any]] = field(default_factory=list)
 
     def add(
@@ -390,7 +420,7 @@ class RetrievalEvaluator:
         """Score one query's ranking (and its generated answer when ``prediction`` is given)."""
         metrics: dict[str, Any] = {"id": query_id, "type": query_type}
         metrics.update(
-            retrieval_query_metrics(ranking, relevant, self.ks, indirect, self.score_queries_without_relevant)
+            retrieval_query_metrics(ranking, relevant, self.ks, indirect, self.skip_queries_without_relevant)
         )
         if prediction is not None:
             if answers is None:

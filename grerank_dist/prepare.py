@@ -5,9 +5,10 @@ Each output line is ``{"id", "question", "answers", "ctxs", "type"?}`` with ctxs
 
 - ``nq`` / ``tqa``: DPR retriever output or FiD's files (a JSON array, or JSON lines, of
   ``{id?, question, answers | answer | target, ctxs: [{id, title, text, score, has_answer |
-  hasanswer}]}``). The first ``n`` ctxs are kept in the file's order: DPR writes them by
-  descending score and FiD sorts by score when it reads, so the file order is the retriever's
-  ranking (a string score is parsed; a missing ``has_answer`` is computed from the text).
+  hasanswer}]}``). The ctxs are ordered by descending score, ties in file order, when every
+  ctx has one (DPR writes them so; FiD sorts by score when it reads, so its files need not be
+  sorted), else kept in file order; the first ``n`` are kept (a string score is parsed; a
+  missing ``has_answer`` is computed from the passage text, :func:`metrics.has_answer`).
 - ``hotpotqa`` / ``2wikimultihopqa`` (distractor setting; 2Wiki adds ``evidences`` and
   ``entity_ids``, which are not needed): the paragraphs become ctxs, ``is_supporting`` from the
   titles of ``supporting_facts``, ``type`` kept.
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from grerank_dist.metrics import answer_finder, has_answer, normalize_answer
+from grerank_dist.metrics import answer_finder, has_answer, normalize_answer, retriever_order
 
 _READ_CHUNK = 1 << 20
 _MAX_RECORD_CHARS = 256 << 20  # a pending array element larger than this is treated as broken JSON
@@ -348,7 +349,7 @@ def _retrieval_ctx(
     label_key = "has_answer" if ctx.get("has_answer") is not None else "hasanswer"
     if ctx.get(label_key) is None:
         report.adjustments["has_answer computed from the text"] += 1
-        out["has_answer"] = has_answer(text, answers)
+        out["has_answer"] = has_answer(out, answers)
     else:
         out["has_answer"] = _flag(ctx[label_key], where, f"{at}.{label_key}")
     return out
@@ -365,6 +366,13 @@ def _parse_retrieval(raw: Any, where: Location, n: int, report: ConversionReport
     if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
         raise FormatError(where, "id", f"expected a string or integer, got {record_id!r:.60}")
     answers = _usable_answers(answers, report)
+    scores = [
+        _score(c["score"], where, f"ctxs[{i}].score") if isinstance(c, dict) and c.get("score") is not None else None
+        for i, c in enumerate(ctxs)
+    ]
+    order = retriever_order(scores)
+    if order != sorted(order):
+        report.adjustments["ctxs ordered by score"] += 1
     if len(ctxs) > n:
         report.adjustments[f"ctxs cut to the first {n}"] += 1
     elif len(ctxs) < n:
@@ -373,8 +381,9 @@ def _parse_retrieval(raw: Any, where: Location, n: int, report: ConversionReport
         "id": str(record_id),
         "question": question,
         "answers": answers,
-        # Only the kept ctxs are checked: a flaw in candidate 80 of 100 must not stop a top-20 run.
-        "ctxs": [_retrieval_ctx(c, where, i, answers, report) for i, c in enumerate(ctxs[:n])],
+        # Only the kept ctxs are checked (scores aside): a flaw in candidate 80 of 100 must not
+        # stop a top-20 run.
+        "ctxs": [_retrieval_ctx(ctxs[i], where, i, answers, report) for i in order[:n]],
     }
 
 
@@ -536,7 +545,7 @@ def _assemble_multihop(
                     "id": f"{questions[source].id}/{p}",
                     "title": title,
                     "text": text,
-                    "has_answer": contains_answer(text),
+                    "has_answer": contains_answer({"title": title, "text": text}),
                     "is_supporting": gold and source == position,
                 }
             )

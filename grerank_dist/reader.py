@@ -376,13 +376,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     data = load_config(args.config).data
     reader_config = ReaderConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReaderConfig)})
-    records, read_report = read_records(args.train_file, n_candidates=data.n_candidates)
+    records, read_report = read_records(args.train_file, n_candidates=data.n_candidates, candidate_order=data.candidate_order)
     print(read_report.summary(), flush=True)
     tokenizer = build_reader_tokenizer(records, data)
     out = train_reader(records, tokenizer, reader_config, args.out, data=data)
     print(f"reader saved to {out}", flush=True)
     if args.eval_file:
-        eval_records, _ = read_records(args.eval_file, n_candidates=data.n_candidates)
+        eval_records, _ = read_records(args.eval_file, data.n_candidates, candidate_order=data.candidate_order)
         model, tokenizer = load_reader(out)
         report = reader_report(model, tokenizer, eval_records[: args.eval_limit], data)
         (out / "reader_report.json").write_text(json.dumps(report, indent=2) + "\n")

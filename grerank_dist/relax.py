@@ -11,7 +11,10 @@ temperature or with large scores the direct ``log(max(softmax))`` underflows to 
 gradient becomes NaN, while the log-space value stays finite.
 
 At inference the reranker keeps its top k documents: :func:`hard_topk_mask` and
-:func:`hard_topk_log_mask` (0 / -inf, the bias that reproduces reranking exactly).
+:func:`hard_topk_log_mask` (0 / -inf, the bias that reproduces reranking exactly). Every hard
+top-k of the project, here and in evaluation (:func:`grerank_dist.metrics.rank_by_scores`),
+follows the one order of :func:`rank_candidates`: ties are broken by candidate order, which is
+the retriever's order after loading (see ``data.candidate_order``).
 
 Conventions shared by every function here:
 
@@ -36,6 +39,7 @@ __all__ = [
     "hard_topk_log_mask",
     "hard_topk_mask",
     "noise_generator",
+    "rank_candidates",
     "relaxed_topk_gumbel",
 ]
 
@@ -216,14 +220,30 @@ def gumbel_attention_mask(
     return _keep_all_when_k_covers(log_mask, k, valid, 0.0).to(scores.dtype)
 
 
+def rank_candidates(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Candidate indices along the last dimension, best first: the project's one ranking rule.
+
+    Valid candidates come by descending score, equal scores in candidate order (a stable sort,
+    so a reranker that scores candidates alike keeps the retriever's order, where
+    :func:`torch.topk` picks among ties arbitrarily); invalid candidates follow, in candidate
+    order, whatever their score (NaN included). Valid scores must not be NaN.
+    """
+    scores = scores.detach()
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    safe_scores = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    by_score = torch.sort(safe_scores, dim=-1, descending=True, stable=True).indices
+    invalid_in_order = (~valid).gather(-1, by_score).to(torch.uint8)
+    return by_score.gather(-1, torch.sort(invalid_in_order, dim=-1, stable=True).indices)
+
+
 def hard_topk_mask(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the k highest-scoring valid candidates per row (all valid ones if fewer than k).
 
-    Ties are broken by :func:`torch.topk`.
+    Ties are broken by candidate order (:func:`rank_candidates`), as in evaluation.
     """
     valid = _validate(scores, k, None, None, valid)
-    ranked_scores = scores.detach().masked_fill(~valid, float("-inf"))
-    top_indices = ranked_scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    top_indices = rank_candidates(scores, valid)[..., :k]
     selected = torch.zeros_like(valid).scatter(-1, top_indices, True)
     return selected & valid
 

@@ -322,7 +322,7 @@ def _build_record(query_index: int, seed: int, rng: random.Random, config: Synth
                 "title": doc.title,
                 "text": doc.text,
                 "score": score,
-                "has_answer": has_answer(f"{doc.title} {doc.text}", [answer]),
+                "has_answer": has_answer({"title": doc.title, "text": doc.text}, [answer]),
                 "is_supporting": doc.is_supporting,
             }
             for position, (score, doc) in enumerate(scored)

@@ -53,7 +53,7 @@ def record_texts(records: list[dict[str, Any]], config: TrainConfig) -> list[str
     d = config.data
     texts = [d.prompt_template.format(question=r["question"]) for r in records]
     texts += [a for r in records for a in r["answers"]]
-    texts += [d.doc_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]]
+    texts += [d.doc_template.format(title=c["title"], text=c["text"], question=r["question"]) for r in records for c in r["ctxs"]]
     return texts
 
 
@@ -146,7 +146,9 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
 
     # Data: every rank reads and checks the whole file; the schedule picks each rank's share.
     # A query with no more than k candidates gets mask 1 everywhere and no gradient: left out.
-    records, report = read_records(config.data.train_file, config.data.n_candidates, config.data.skip_bad_records)
+    records, report = read_records(
+        config.data.train_file, config.data.n_candidates, config.data.skip_bad_records, config.data.candidate_order
+    )
     records = [r for r in records if len(r["ctxs"]) > config.relax.k]
     if strategy.is_main:
         print(report.summary(), flush=True)

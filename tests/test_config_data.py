@@ -5,7 +5,9 @@ import json
 import pytest
 
 from grerank_dist.config import ConfigError, load_config
-from grerank_dist.data import MicroBatchSchedule, RecordError, read_records, training_answer
+from grerank_dist.data import Collator, MicroBatchSchedule, RecordError, read_records, training_answer
+from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.train import record_texts
 
 
 def write_yaml(tmp_path, text):
@@ -31,7 +33,14 @@ def test_overrides_and_defaults(tmp_path):
         ("", ["relax.tau=0"], "relax.tau: must be > 0"),
         ("", ["relax.k=0"], "relax.k: must be an integer >= 1"),
         ("", ["train.objective=foo"], "train.objective: must be one of"),
-        ("", ["data.doc_template='{passage}'"], "data.doc_template: unknown placeholder"),
+        ("", ["data.doc_template='{passage}'"], "data.doc_template: unknown placeholder {passage}"),
+        # placeholders the collator fills for one template but not for another
+        ("", ["data.prompt_template='{title}: {question}'"], "data.prompt_template: unknown placeholder {title}"),
+        ("", ["data.passage_template='{question} {text}'"], "data.passage_template: unknown placeholder {question}"),
+        ("", ["data.passage_template='{0} {text}'"], "data.passage_template: unknown placeholder {0}"),
+        ("", ["data.doc_template='{text.upper}'"], "data.doc_template: unknown placeholder {text.upper}"),
+        ("", ["data.doc_template='{text'"], "data.doc_template: malformed template"),
+        ("", ["data.candidate_order=rank"], "data.candidate_order: must be one of ('score', 'file'), got 'rank'"),
         ("", ["relax.k=three"], "relax.k: expected int, got 'three'"),
         ("", ["train.lr=[1]"], "train.lr: expected float"),
         ("relax: [1, 2]\n", [], "relax: expected a mapping"),
@@ -43,6 +52,27 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)
     assert needle in str(err.value)
+
+
+def test_doc_template_may_hold_the_question_and_the_collator_fills_it(tmp_path):
+    """FiD-style encoder inputs ("question: ... title: ... context: ..."): {question} passes
+    validation and reaches every document of its query, padding candidates included."""
+    template = "question: {question} title: {title} context: {text}"
+    config = load_config(None, [f"data.doc_template='{template}'", "data.n_candidates=3", "data.doc_max_tokens=16",
+                                   "relax.k=1"])
+    records = [
+        {"question": "who wrote it", "answers": ["ann"], "ctxs": [
+            {"title": "book", "text": "ann wrote it"}, {"title": "film", "text": "bob made it"}]},
+        {"question": "where is it", "answers": ["oslo"], "ctxs": [{"title": "city", "text": "it is in oslo"}] * 3},
+    ]
+    tokenizer = build_word_tokenizer(record_texts(records, config), "decoder")  # as random:tiny runs build it
+    batch = Collator(config.data, tokenizer, None, config.reranker.max_length)(records, [0, 1])
+    decoded = [[tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(*rows)]
+               for rows in zip(batch.encoder_input_ids, batch.encoder_attention_mask)]
+    assert decoded[0][:2] == ["question : who wrote it title : book context : ann wrote it",
+                              "question : who wrote it title : film context : bob made it"]
+    assert decoded[0][2] == "question : who wrote it title : context :"  # the padding candidate
+    assert decoded[1][0] == "question : where is it title : city context : it is in oslo"
 
 
 def test_malformed_yaml_names_the_file(tmp_path):
@@ -92,6 +122,31 @@ def test_record_normalisation(tmp_path):
     assert records[0]["ctxs"][0]["has_answer"] is True and records[0]["ctxs"][0]["score"] == 1.5
     assert records[1]["answers"] == ["t1"] and len(records[1]["ctxs"]) == 5
     assert (report.truncated, report.padded) == (1, 1)
+
+
+def test_candidates_are_ordered_by_score_before_truncation(tmp_path):
+    """A shuffled file (HotpotQA paragraphs, merged runs) keeps its best-scored candidates, best
+    first, ties in file order; file order only on request or when a candidate has no score."""
+    scores = [2, 5, 1, 5, 3, 4]
+    shuffled = {"question": "q", "answers": ["a"], "ctxs": [
+        {"id": f"p{i}", "text": "x", "score": str(s)} for i, s in enumerate(scores)]}
+    unscored = {"question": "q", "answers": ["a"], "ctxs": [{"text": "x", "score": 9}, {"text": "y"}, {"text": "z", "score": 10}]}
+    path = write_lines(tmp_path, [json.dumps(shuffled), json.dumps(unscored)])
+    records, report = read_records(path, n_candidates=4)
+    # by score: 5 (p1), 5 (p3, the tie after p1), 4 (p5), 3 (p4) | 2 (p0), 1 (p2) cut
+    assert [c["id"] for c in records[0]["ctxs"]] == ["p1", "p3", "p5", "p4"]
+    assert [c["score"] for c in records[0]["ctxs"]] == [5.0, 5.0, 4.0, 3.0]
+    assert [c["text"] for c in records[1]["ctxs"]] == ["x", "y", "z"]  # a score is missing: file order
+    assert [c["id"] for c in records[1]["ctxs"]] == ["0", "1", "2"]
+    assert report.reordered == 1 and "1 reordered by score" in report.summary()
+    records, report = read_records(path, n_candidates=4, candidate_order="file")
+    assert [c["id"] for c in records[0]["ctxs"]] == ["p0", "p1", "p2", "p3"] and report.reordered == 0
+    with pytest.raises(ValueError, match="candidate_order must be one of"):
+        read_records(path, n_candidates=4, candidate_order="rank")
+    # errors name the candidate's position in the file, not in the sorted list
+    bad = {"question": "q", "answers": ["a"], "ctxs": [{"text": "x", "score": 1}, {"title": "t", "score": 2}]}
+    with pytest.raises(RecordError, match=r"d.jsonl:1: field 'ctxs\[1\].text'"):
+        read_records(write_lines(tmp_path, [json.dumps(bad)]), n_candidates=4)
 
 
 def test_answer_choice():

@@ -18,9 +18,11 @@ import torch
 from grerank_dist.cli import main as cli_main
 from grerank_dist.config import load_config
 from grerank_dist.data import Collator
-from grerank_dist.evaluate import ORACLE, RETRIEVER, evaluate, generate_topk, shard_batches, stop_token_ids
+from grerank_dist.evaluate import ORACLE, RETRIEVER, evaluate, generate_topk, method_rankings, shard_batches
+from grerank_dist.evaluate import stop_token_ids, topk_log_mask
 from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config
+from grerank_dist.relax import hard_topk_log_mask
 from grerank_dist.reranker import export_reranker, load_reranker, tiny_reranker
 from grerank_dist.tokenization import build_word_tokenizer
 from grerank_dist.train import record_texts
@@ -125,6 +127,8 @@ def reference_answer_metrics(prediction: str, answers: list[str]) -> dict[str, f
     predicted = answer_words(prediction)
 
     def f1(gold: list[str]) -> float:
+        if {" ".join(predicted), " ".join(gold)} & {"yes", "no", "noanswer"} and predicted != gold:
+            return 0.0  # HotpotQA: yes / no / noanswer score all or nothing
         common = sum(min(predicted.count(w), gold.count(w)) for w in set(gold))
         return 0.0 if common == 0 else 2 * common / (len(predicted) + len(gold))
 
@@ -181,6 +185,17 @@ def test_topk_generation_equals_generation_from_the_kept_documents_alone(assets,
     assert min(lengths) < MAX_NEW_TOKENS and len(records[4]["ctxs"]) == 2
 
 
+def test_evaluation_and_training_hard_masks_share_one_stable_top_k_rule():
+    """Ties (a reranker scoring candidates alike) are broken by candidate order everywhere: the
+    evaluation rankings, the generator's hard log-mask built from them, and relax's hard mask."""
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    rankings = method_rankings("tiny", [{"ctxs": [{}] * 8}] * 2, [[False] * 8] * 2, scores)
+    assert rankings == [list(range(8)), [0, 1, 2, 3, 4, 5, 6, 7]]
+    for k in (1, 3, 5):
+        assert torch.equal(topk_log_mask(rankings, k, 8), hard_topk_log_mask(scores, k, valid))
+
+
 def test_hand_computed_metrics_for_two_queries(tmp_path):
     """Two multi-hop queries with known gold labels; retriever order and oracle checked by hand."""
     records = [
@@ -222,7 +237,7 @@ def test_hand_computed_metrics_for_two_queries(tmp_path):
     assert metrics["queries_per_s"] == pytest.approx(result.queries_per_s) and metrics["queries_per_s"] > 0
     header, rule, *rows = table.strip().splitlines()
     assert header == ("| Method | Recall@1 | Recall@3 | NDCG@1 | NDCG@3 | MRR | Indirect Recall@1 | "
-                      "Indirect Recall@3 | Indirect MRR | Indirect NDCG@1 | Indirect NDCG@3 |")
+                      "Indirect Recall@3 | Indirect MRR | Indirect NDCG@1 | Indirect NDCG@3 | N Queries Without Relevant |")
     assert rows[0].startswith("| retriever | 0.0 | 75.0 | 0.0 |") and rows[1].startswith("| oracle | 75.0 | 100.0 |")
 
 
@@ -232,7 +247,9 @@ def test_generator_setting_writes_outputs_that_match_independent_references(asse
     assert [q["index"] for q in predictions] == list(range(N_QUERIES))
     assert metrics["setting"] == "generator" and metrics["n_queries"] == N_QUERIES and metrics["queries_per_s"] > 0
     assert list(metrics["methods"]) == ["tiny", RETRIEVER, ORACLE]
-    assert table.splitlines()[0] == "| Method | Recall@1 | Recall@3 | NDCG@1 | NDCG@3 | MRR | EM | SubEM | F1 |"
+    assert table.splitlines()[0] == (
+        "| Method | Recall@1 | Recall@3 | NDCG@1 | NDCG@3 | MRR | EM | SubEM | F1 | N Queries Without Relevant |"
+    )
 
     reranker, reranker_tokenizer = load_reranker(assets["root"] / "reranker")
     model, tokenizer = load_generator(str(assets["root"] / "generator"))
@@ -319,3 +336,65 @@ def test_generator_setting_needs_a_generator_checkpoint(assets, tmp_path):
     config = load_config(TINY, [f"data.eval_file={assets['data']}"])  # generator.path: random:tiny
     with pytest.raises(ValueError, match="generator checkpoint directory"):
         evaluate(config, {}, assets["data"], "generator", KS, tmp_path)
+
+
+@pytest.mark.parametrize("order", ["score", "file"])
+def test_retriever_row_is_the_score_order_of_a_shuffled_file(tmp_path, order):
+    """Candidates written out of score order: the retriever baseline ranks them by score
+    (data.candidate_order=score, the default); file order only on request."""
+    scored = [("a0", 0.1, False), ("a1", 0.9, True), ("a2", 0.5, False), ("a3", 0.7, True), ("a4", 0.3, False)]
+    records = [{"id": "a", "question": "q", "answers": ["x"], "ctxs": [
+        {"id": cid, "title": "", "text": "t", "score": score, "has_answer": gold} for cid, score, gold in scored]}]
+    data = write_jsonl(tmp_path / "shuffled.jsonl", records)
+    config = load_config(TINY, ["data.n_candidates=4", f"data.candidate_order={order}"])
+    evaluate(config, {}, data, "reranker", KS, tmp_path / "out", batch_size=1)
+    metrics, predictions, _ = read_outputs(tmp_path / "out")
+    retriever = metrics["methods"][RETRIEVER]
+    if order == "score":
+        # kept: the four best scores, a1 (0.9), a3 (0.7), a2 (0.5), a4 (0.3); relevant {a1, a3}
+        assert predictions[0]["methods"][RETRIEVER]["ranking"] == ["a1", "a3", "a2", "a4"]
+        assert (retriever["recall@1"], retriever["recall@3"], retriever["mrr"]) == (0.5, 1.0, 1.0)
+    else:
+        # kept: the first four, a0, a1, a2, a3; relevant {a1, a3} at ranks 2 and 4
+        assert predictions[0]["methods"][RETRIEVER]["ranking"] == ["a0", "a1", "a2", "a3"]
+        assert (retriever["recall@1"], retriever["recall@3"], retriever["mrr"]) == (0.0, 0.5, 0.5)
+
+
+def test_queries_without_relevant_candidate_count_as_misses_unless_skipped(tmp_path):
+    """DPR's top-k convention by default: a query with no relevant candidate scores 0; the
+    ``--skip-no-relevant`` flag averages over the others. Either way the count is reported."""
+    records = [
+        {"id": "a", "question": "q one", "answers": ["x"], "ctxs": [
+            {"id": "a0", "title": "", "text": "t", "has_answer": False},
+            {"id": "a1", "title": "", "text": "t", "has_answer": True},
+            {"id": "a2", "title": "", "text": "t", "has_answer": False}]},
+        {"id": "b", "question": "q two", "answers": ["y"], "ctxs": [
+            {"id": "b0", "title": "", "text": "t", "has_answer": False},
+            {"id": "b1", "title": "", "text": "t", "has_answer": False},
+            {"id": "b2", "title": "", "text": "t", "has_answer": False}]},
+    ]
+    data = write_jsonl(tmp_path / "nq.jsonl", records)
+    config = load_config(TINY, ["data.n_candidates=3"])
+    evaluate(config, {}, data, "reranker", KS, tmp_path / "counted", batch_size=2)
+    code = cli_main(["eval", "--config", TINY, "--data", data, "--k", "1", "--k", "3", "--batch-size", "2",
+                     "--out", str(tmp_path / "skipped"), "--skip-no-relevant", "data.n_candidates=3"])
+    assert code == 0
+    counted, _, counted_table = read_outputs(tmp_path / "counted")
+    skipped, _, skipped_table = read_outputs(tmp_path / "skipped")
+
+    # retriever on "a": relevant {1} at rank 2 -> recall@1 0, recall@3 1, ndcg@3 1/log2(3), MRR 1/2
+    retriever = counted["methods"][RETRIEVER]
+    assert retriever["recall@3"] == pytest.approx((1 + 0) / 2)
+    assert retriever["ndcg@3"] == pytest.approx((1 / math.log2(3) + 0) / 2)
+    assert retriever["mrr"] == pytest.approx((1 / 2 + 0) / 2)
+    assert counted["methods"][ORACLE]["recall@1"] == pytest.approx((1 + 0) / 2)
+    retriever = skipped["methods"][RETRIEVER]
+    assert retriever["recall@3"] == 1.0 and retriever["mrr"] == pytest.approx(1 / 2)
+    assert skipped["methods"][ORACLE]["recall@1"] == 1.0
+
+    for metrics, table, policy in ((counted, counted_table, "scored 0"), (skipped, skipped_table, "skipped")):
+        assert metrics["n_queries_without_relevant"] == 1 and metrics["queries_without_relevant"] == policy
+        assert all(m["n_queries_without_relevant"] == 1 for m in metrics["methods"].values())
+        header, _, *rows = table.strip().splitlines()
+        assert header.endswith("| MRR | N Queries Without Relevant |")
+        assert all(row.endswith("| 1 |") for row in rows)

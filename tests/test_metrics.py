@@ -79,6 +79,21 @@ def test_token_f1() -> None:
     assert token_f1("Paris", ["London"]) == 0.0
 
 
+def test_token_f1_yes_no_noanswer_need_an_exact_match() -> None:
+    # HotpotQA/CEPE convention: where the normalised prediction or gold is yes / no / noanswer,
+    # F1 is 1 when they are equal and 0 otherwise (no partial token credit)
+    assert token_f1("Yes.", ["yes"]) == 1.0
+    # plain token F1 would give P = 1/3, R = 1 -> 0.5
+    assert token_f1("yes it is", ["yes"]) == 0.0
+    # plain token F1 would give P = 1, R = 1/2 -> 2/3
+    assert token_f1("no", ["no way"]) == 0.0
+    assert token_f1("noanswer", ["no answer"]) == 0.0
+    assert token_f1("noanswer", ["NoAnswer"]) == 1.0
+    # the rule applies per gold answer, then the maximum: gold "no" gives 0, gold "yes sir
+    # please" gives P = 2/2, R = 2/3 -> F1 = 2 * (2/3) / (5/3) = 0.8
+    assert token_f1("yes sir", ["no", "yes sir please"]) == pytest.approx(0.8)
+
+
 def test_answer_metrics_reject_a_bare_string_and_no_answers() -> None:
     with pytest.raises(TypeError, match="list of strings"):
         exact_match("x", "x")
@@ -86,14 +101,26 @@ def test_answer_metrics_reject_a_bare_string_and_no_answers() -> None:
         token_f1("x", [])
 
 
+def passage(text: str, title: str = "") -> dict[str, str]:
+    return {"title": title, "text": text}
+
+
 def test_has_answer_matches_whole_normalised_tokens() -> None:
-    assert has_answer("He was born in Leeds, England.", ["leeds"])
+    assert has_answer(passage("He was born in Leeds, England."), ["leeds"])
     # "yes" is not a word of "yesterday"
-    assert not has_answer("It happened yesterday.", ["yes"])
+    assert not has_answer(passage("It happened yesterday."), ["yes"])
     # tokens must be contiguous: "ernest miller hemingway" lacks "ernest hemingway"
-    assert not has_answer("Ernest Miller Hemingway was a novelist.", ["Ernest Hemingway"])
+    assert not has_answer(passage("Ernest Miller Hemingway was a novelist."), ["Ernest Hemingway"])
     # punctuation-insensitive: "the U.S. Army" -> "us army"; second gold answer matches
-    assert has_answer("He served in the U.S. Army.", ["Navy", "US Army"])
+    assert has_answer(passage("He served in the U.S. Army."), ["Navy", "US Army"])
+
+
+def test_has_answer_reads_the_passage_text_not_the_title() -> None:
+    # DPR's rule: an answer in the title alone does not make the passage answer-bearing
+    assert not has_answer(passage("A city in West Yorkshire.", title="Leeds"), ["Leeds"])
+    assert has_answer(passage("Leeds is a city.", title="Yorkshire"), ["Leeds"])
+    record = {"answers": ["Leeds"], "ctxs": [passage("A city.", title="Leeds"), passage("Born in Leeds.", title="Marsh")]}
+    assert gold_labels(record) == ([False, True], None)  # unlabelled ctxs get the same rule
 
 
 # ------------------------------------------------------------------ rankings
@@ -177,10 +204,11 @@ def test_indirect_recall() -> None:
 
 
 def test_retrieval_query_metrics_without_relevant() -> None:
-    metrics = retrieval_query_metrics([0, 1], [0, 0], ks=(1,))
-    assert metrics == {"n_relevant": 0, "recall@1": None, "ndcg@1": None, "hit@1": None, "mrr": None}
-    counted = retrieval_query_metrics([0, 1], [0, 0], ks=(1,), score_queries_without_relevant=True)
-    assert counted["recall@1"] == 0.0 and counted["mrr"] == 0.0
+    # DPR's top-k convention: a query with no relevant candidate is a miss, scored 0
+    counted = retrieval_query_metrics([0, 1], [0, 0], ks=(1,))
+    assert counted == {"n_relevant": 0, "recall@1": 0.0, "ndcg@1": 0.0, "hit@1": 0.0, "mrr": 0.0}
+    skipped = retrieval_query_metrics([0, 1], [0, 0], ks=(1,), skip_queries_without_relevant=True)
+    assert skipped == {"n_relevant": 0, "recall@1": None, "ndcg@1": None, "hit@1": None, "mrr": None}
 
 
 MULTIHOP_RECORD = {
@@ -237,17 +265,20 @@ def test_evaluator_on_an_nq_record_with_padding_scores() -> None:
     assert "indirect_mrr" not in metrics
 
 
-def test_aggregate_averages_over_scored_queries_and_by_type() -> None:
-    evaluator = RetrievalEvaluator(ks=(2,))
+@pytest.mark.parametrize("skip", [False, True])
+def test_aggregate_averages_over_scored_queries_and_by_type(skip: bool) -> None:
+    evaluator = RetrievalEvaluator(ks=(2,), skip_queries_without_relevant=skip)
     evaluator.add([0, 1, 2], {0}, query_type="bridge")  # recall@2 = 1
     evaluator.add([0, 1, 2], {1, 2}, query_type="comparison")  # recall@2 = 1/2
-    evaluator.add([0, 1, 2], set(), query_type="bridge")  # no relevant: left out
+    evaluator.add([0, 1, 2], set(), query_type="bridge")  # no relevant: 0 by default, or left out
     result = evaluator.compute()
-    assert result["recall@2"] == pytest.approx((1 + 0.5) / 2)
-    # MRR: 1 and 1/2 -> 0.75
-    assert result["mrr"] == pytest.approx(0.75)
+    # counted: (1 + 1/2 + 0) / 3 = 0.5; skipped: (1 + 1/2) / 2 = 0.75
+    assert result["recall@2"] == pytest.approx(0.75 if skip else 0.5)
+    # MRR: 1, 1/2 (and 0) -> 0.75 skipped, 0.5 counted
+    assert result["mrr"] == pytest.approx(0.75 if skip else 0.5)
     assert result["n_queries"] == 3 and result["n_queries_without_relevant"] == 1
-    assert result["bridge/recall@2"] == 1.0 and result["bridge/n_queries"] == 2
+    # bridge: 1 and the query without relevant -> 1 skipped, (1 + 0) / 2 counted
+    assert result["bridge/recall@2"] == (1.0 if skip else 0.5) and result["bridge/n_queries"] == 2
     assert result["comparison/recall@2"] == 0.5
     # the same dicts gathered from two "ranks" give the same aggregate
     assert aggregate_metrics(evaluator.per_query[:1] + evaluator.per_query[1:]) == result

@@ -75,6 +75,27 @@ def test_tqa_fid_lines_target_hasanswer_and_computed_labels(tmp_path: Path) -> N
     assert report.adjustments["fewer than 20 ctxs (kept as they are)"] == 2
 
 
+def test_computed_has_answer_reads_the_text_not_the_title(tmp_path: Path) -> None:
+    ctxs = [{"id": "1", "title": "Canberra", "text": "The city was founded in 1913."},
+            {"id": "2", "title": "Australia", "text": "Its capital is Canberra."}]
+    source = _write_array(tmp_path / "dpr.json", [{"question": "capital of australia?", "answers": ["Canberra"], "ctxs": ctxs}])
+    convert("nq", source, tmp_path / "nq.jsonl")
+    assert [c["has_answer"] for c in _read_jsonl(tmp_path / "nq.jsonl")[0]["ctxs"]] == [False, True]
+
+
+def test_retrieval_ctxs_are_cut_in_score_order(tmp_path: Path) -> None:
+    """A file not sorted by score (FiD sorts when it reads, so its files need not be) keeps its
+    n best-scored ctxs, best first, ties in file order; file order when a score is missing."""
+    scored = [{"id": str(i), "title": "", "text": "x", "score": s} for i, s in enumerate(["1.5", "7", "3", "7"])]
+    unscored = [{"id": "a", "title": "", "text": "x", "score": 2}, {"id": "b", "title": "", "text": "x"},
+                {"id": "c", "title": "", "text": "x", "score": 9}]
+    source = _write_array(tmp_path / "fid.json", [{"question": "q?", "answers": ["y"], "ctxs": ctxs} for ctxs in (scored, unscored)])
+    convert("nq", source, tmp_path / "nq.jsonl", n=3)
+    first, second = _read_jsonl(tmp_path / "nq.jsonl")
+    assert [c["id"] for c in first["ctxs"]] == ["1", "3", "2"] and [c["score"] for c in first["ctxs"]] == [7.0, 7.0, 3.0]
+    assert [c["id"] for c in second["ctxs"]] == ["a", "b", "c"]
+
+
 # ------------------------------------------------------------------ HotpotQA / 2Wiki / MuSiQue
 
 HOTPOT_SUPPORTING = {

@@ -14,6 +14,7 @@ from grerank_dist.relax import (
     hard_topk_log_mask,
     hard_topk_mask,
     noise_generator,
+    rank_candidates,
     relaxed_topk_gumbel,
 )
 
@@ -197,6 +198,24 @@ def test_hard_topk_matches_a_sort():
         assert torch.all((log_mask == 0) == mask) and torch.all(torch.isneginf(log_mask) == ~mask)
     one_dim = torch.tensor([0.1, 0.9, -0.3, 0.5])
     assert hard_topk_mask(one_dim, 2).tolist() == [False, True, False, True]
+
+
+def test_hard_topk_breaks_ties_by_candidate_order():
+    # torch.topk picks among equal scores in no documented order (on CPU it returned
+    # candidates 6, 5, 4 of eight zeros); the rule keeps the earlier candidates
+    scores = torch.tensor([
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # all tied -> 0, 1, 2
+        [3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # 0, then the first two of the tied 1.0s
+        [1.0, 2.0, 2.0, 2.0, 0.0, 2.0, 2.0, 2.0],  # candidate 1 invalid -> 2, 3, 5
+    ], dtype=torch.float64)
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    valid[2, 1] = False
+    expected = [[0, 1, 2], [0, 1, 2], [2, 3, 5]]
+    assert [torch.nonzero(row).flatten().tolist() for row in hard_topk_mask(scores, 3, valid)] == expected
+    assert [row[:3] for row in rank_candidates(scores, valid).tolist()] == expected
+    # the full order: valid candidates by score (ties in candidate order), then invalid ones
+    assert rank_candidates(scores, valid)[2].tolist() == [2, 3, 5, 6, 7, 0, 4, 1]
+    assert rank_candidates(torch.tensor([1.0, 2.0, 2.0])).tolist() == [1, 2, 0]
 
 
 @pytest.mark.parametrize(
