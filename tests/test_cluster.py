@@ -357,8 +357,8 @@ def test_slurm_train_and_eval(tmp_path, reference, slurm):
                            max_length=load_config(CONFIG).reranker.max_length, padding=True, return_tensors="pt")
         with torch.no_grad():
             want = model(**inputs).logits[:, 0]
-        (method,) = prediction["methods"].values()
-        assert torch.allclose(torch.tensor(method["scores"]), want, atol=1e-4), prediction["id"]
+        got = torch.tensor(prediction["methods"]["reranker"]["scores"])
+        assert torch.allclose(got, want, atol=1e-4), prediction["id"]
 
 
 def interrupted_run(slurm: Slurm, tmp_path: Path, signal_job: Callable[[str], None]) -> tuple[Path, Path, str]:
