@@ -50,4 +50,9 @@ source_env_setup
 torchrun_node_command "$TR_NODE_RANK"
 # exec: the scheduler's signals (SIGTERM before a time limit or preemption) reach torchrun,
 # which forwards them to the trainer processes.
+# SIGUSR1 (`scancel --signal=USR1`, `sbatch --signal=USR1@SECONDS`) goes to every process of the
+# step; torchrun has no handler for it and would die, and srun would then kill the trainers
+# before they checkpoint. Ignored here, it stays ignored in torchrun; the trainer installs its
+# own handler and checkpoints.
+trap '' USR1
 exec "${NODE_COMMAND[@]}"

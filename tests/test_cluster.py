@@ -1,0 +1,420 @@
+"""The launchers against real cluster software on this machine (loopback only).
+
+Slurm (munged, slurmctld, slurmd from Debian's packages) runs as a one-node cluster from a
+generated slurm.conf; sshd serves DeepSpeed's pdsh launcher; torchrun forms two "nodes" on
+127.0.0.1. Every training run uses the tiny CPU config with two processes in fp32, and its
+exported reranker is compared with that of one uninterrupted `launch/torchrun.sh --nproc-per-node
+2` run: the result must not depend on the launcher, the rendezvous or a preemption.
+
+These tests need root and the daemons' binaries (`.ci/run` installs them); without them they are
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from grerank_dist.config import load_config
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+EVAL_FILE = ROOT / "configs" / "data" / "toy_test.jsonl"
+MAX_STEPS = 16
+# Every run: the same steps and checkpoints; the seed and data come from the config.
+TRAIN_OVERRIDES = [f"train.max_steps={MAX_STEPS}", "train.save_every=4", "train.log_every=1"]
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def missing(binaries: list[str]) -> str | None:
+    """Why this machine cannot run the daemons, or None."""
+    if os.geteuid() != 0:
+        return "needs root to start the daemons (CI runs as root)"
+    absent = [name for name in binaries if shutil.which(name) is None]
+    if absent:
+        return f"{', '.join(absent)} not installed (apt-get install slurm-wlm munge openssh-server pdsh)"
+    return None
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of every launch: this interpreter, this checkout, CPU DeepSpeed."""
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in dist_vars and not key.startswith(("SLURM_", "SBATCH_", "GRERANK_", "DS_ENV_FILE"))
+    }
+    env.update(GRERANK_PYTHON=sys.executable, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def trainer_args(out_dir: Path) -> list[str]:
+    return ["--config", str(CONFIG), f"output_dir={out_dir}", *TRAIN_OVERRIDES]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def logged_steps(out_dir: Path) -> int:
+    path = out_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def assert_same_reranker(out_dir: Path, reference: Path) -> None:
+    """The exported weights equal the reference run's (fp32 on CPU; the tolerance only absorbs
+    a different summation order of the two ranks' gradients)."""
+    got = load_file(out_dir / "reranker" / "model.safetensors")
+    want = load_file(reference / "reranker" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6, rtol=0), name
+
+
+def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One node, two processes, never interrupted: the weights every other launch must reach."""
+    out = tmp_path_factory.mktemp("reference")
+    checked(subprocess.run(
+        ["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--", *trainer_args(out)],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=TIMEOUT,
+    ))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: two nodes of one process each
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_nodes_match_one_node(tmp_path, reference):
+    """`--nnodes 2` with a c10d rendezvous on 127.0.0.1, node ranks 0 and 1 started as two
+    launches: the same reranker as one node of two processes."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    nodes = [
+        subprocess.Popen(
+            ["bash", "launch/torchrun.sh", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "--", *trainer_args(out)],
+            cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    for node, log in zip(nodes, logs):
+        assert node.returncode == 0, log[-6000:]
+    assert logged_steps(out) == MAX_STEPS
+    assert_same_reranker(out, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's launcher over ssh (pdsh)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """sshd on a free loopback port with a host key and a client key made here. Returns a
+    directory holding an `ssh` that uses them (put it first on PATH: DeepSpeed's ssh check and
+    pdsh both run `ssh`)."""
+    reason = missing(["/usr/sbin/sshd", "ssh", "ssh-keygen", "pdsh"])
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / key)], check=True)
+    (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
+    port = free_port()
+    (base / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base / 'host_key'}\n"
+        f"AuthorizedKeysFile {base / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"PidFile {base / 'sshd.pid'}\n"
+    )
+    (base / "ssh_config").write_text(
+        "Host localhost 127.0.0.1\n"
+        f"  Port {port}\n  IdentityFile {base / 'client_key'}\n  IdentitiesOnly yes\n  BatchMode yes\n"
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+    )
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {base / "ssh_config"} "$@"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    daemon = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
+                              stdout=subprocess.DEVNULL, stderr=open(base / "sshd.log", "w"))
+    probe = [str(bin_dir / "ssh"), "127.0.0.1", "true"]
+    try:
+        wait_for(lambda: subprocess.run(probe, capture_output=True).returncode == 0, "sshd to accept the key", 30)
+        yield bin_dir
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+
+
+def test_deepspeed_launcher_over_ssh(tmp_path, reference, sshd):
+    """launch/deepspeed.sh with a hostfile of two entries that are both this machine: DeepSpeed
+    reaches each over ssh (pdsh), one process per host, and trains the reference's reranker."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    ds_env = tmp_path / "ds_env"
+    ds_env.write_text("DS_ACCELERATOR=cpu\n")  # DeepSpeed forwards only a few variables by itself
+    out = tmp_path / "run"
+    env = job_env(PATH=f"{sshd}:{os.environ['PATH']}", DS_ENV_FILE=str(ds_env))
+    result = checked(subprocess.run(
+        ["bash", "launch/deepspeed.sh", "--hostfile", str(hostfile), "--master-port", str(free_port()),
+         "--cpus-per-node", "1", "--", *trainer_args(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    ))
+    assert "pdsh" in result.stdout + result.stderr  # the multi-node path ran, not a local launch
+    assert logged_steps(out) == MAX_STEPS
+    assert_same_reranker(out, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: a one-node cluster on localhost
+# ---------------------------------------------------------------------------------------------
+
+SLURM_BINARIES = ["munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo"]
+# What a CPU site passes instead of editing the template (no GPUs to request, fewer cores).
+CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=2"]
+
+
+@dataclass
+class Slurm:
+    conf: Path
+    base: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return job_env(SLURM_CONF=str(self.conf), GRERANK_NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), **extra)
+
+    def run(self, *command: str) -> str:
+        return checked(subprocess.run(command, env=self.env(), capture_output=True, text=True, timeout=60)).stdout
+
+    def submit(self, template: str, log: Path, *args: str) -> str:
+        """sbatch from the repository root, as a user does; returns the job id."""
+        result = checked(subprocess.run(
+            ["sbatch", "--parsable", *CPU_SBATCH, f"--output={log}", f"launch/slurm/{template}", *args],
+            cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=60,
+        ))
+        return result.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        fields = self.run("scontrol", "show", "job", "-o", job_id).split()
+        return dict(field.split("=", 1) for field in fields if "=" in field)
+
+    def wait_done(self, job_id: str, restarts: int = 0) -> dict[str, str]:
+        """Wait until the job has ended after `restarts` requeues. A requeued job waits for its
+        begin time (now + 2 min); the test moves it to now instead of waiting."""
+        ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+        def done() -> bool:
+            info = self.job(job_id)
+            if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+                self.run("scontrol", "update", f"jobid={job_id}", "starttime=now")
+            return info["JobState"] in ended and int(info["Restarts"]) == restarts
+
+        wait_for(done, f"job {job_id} to end after {restarts} requeue(s)")
+        return self.job(job_id)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """munged, slurmctld and slurmd in the foreground of this test module, on free ports, with
+    every file under a temporary directory; one node (this host, 2 CPUs, no GPUs)."""
+    reason = missing(SLURM_BINARIES)
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("slurm")
+    base.chmod(0o755)  # munged wants its socket directory searchable by everyone
+    key = base / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    socket_path = base / "munge.sock"
+    host = socket.gethostname().split(".")[0]
+    conf = base / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=grerank",
+        f"SlurmctldHost={host}(127.0.0.1)",
+        f"SlurmctldPort={free_port()}",
+        f"SlurmdPort={free_port()}",
+        "SlurmUser=root",
+        "SlurmdUser=root",
+        "AuthType=auth/munge",
+        "CredType=cred/munge",
+        f"AuthInfo=socket={socket_path}",
+        f"StateSaveLocation={base / 'state'}",
+        f"SlurmdSpoolDir={base / 'spool'}",
+        f"SlurmctldPidFile={base / 'slurmctld.pid'}",
+        f"SlurmdPidFile={base / 'slurmd.pid'}",
+        f"SlurmctldLogFile={base / 'slurmctld.log'}",
+        f"SlurmdLogFile={base / 'slurmd.log'}",
+        # linuxproc follows the process tree, as cgroup does on a real cluster: a step signal
+        # reaches torchrun's workers too (they run in sessions of their own).
+        "ProctrackType=proctrack/linuxproc",
+        "TaskPlugin=task/none",
+        "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none",
+        "MpiDefault=none",
+        "SchedulerType=sched/builtin",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_CPU",
+        "ReturnToService=2",
+        "MinJobAge=600",
+        "KillWait=30",
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN",
+        f"PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+        "",
+    ]))
+    for directory in ("state", "spool"):
+        (base / directory).mkdir()
+    env = job_env(SLURM_CONF=str(conf))
+    daemons = []
+    try:
+        daemons.append(subprocess.Popen(
+            ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={socket_path}",
+             f"--pid-file={base / 'munged.pid'}", f"--log-file={base / 'munged.log'}", f"--seed-file={base / 'munged.seed'}"],
+        ))
+        wait_for(socket_path.exists, "munged's socket", 30)
+        daemons.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL))
+        daemons.append(subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL))
+
+        def node_idle() -> bool:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            return out.strip() == "idle"
+
+        wait_for(node_idle, "the Slurm node to come up idle", 60)
+        yield Slurm(conf, base)
+    finally:
+        for daemon in reversed(daemons):
+            daemon.terminate()
+            daemon.wait(timeout=60)
+
+
+def test_slurm_train_and_eval(tmp_path, reference, slurm):
+    """train.sbatch, then eval.sbatch on its reranker, both submitted for real: the jobs end
+    COMPLETED with exit 0, the logs show the plan and the run, the trained reranker equals the
+    reference, and the evaluation's scores are the exported model's own forward."""
+    out = tmp_path / "run"
+    log = tmp_path / "train.log"
+    job = slurm.wait_done(slurm.submit("train.sbatch", log, *trainer_args(out)))
+    text = log.read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
+    assert f"# slurm job {job['JobId']} (restart 0): 1 node(s)" in text and "exported reranker to" in text
+    assert logged_steps(out) == MAX_STEPS
+    assert_same_reranker(out, reference)
+
+    eval_out = tmp_path / "eval"
+    eval_log = tmp_path / "eval.log"
+    job = slurm.wait_done(slurm.submit(
+        "eval.sbatch", eval_log, "--config", str(CONFIG), "--reranker", str(out / "reranker"),
+        "--setting", "reranker", "--data", str(EVAL_FILE), "--out", str(eval_out),
+    ))
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), eval_log.read_text()[-6000:]
+    records = [json.loads(line) for line in EVAL_FILE.read_text().splitlines()]
+    predictions = [json.loads(line) for line in (eval_out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["id"] for p in predictions) == sorted(r["id"] for r in records)  # each query once
+    model = AutoModelForSequenceClassification.from_pretrained(out / "reranker").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "reranker")
+    data = load_config(CONFIG).data
+    by_id = {r["id"]: r for r in records}
+    for prediction in predictions[:8]:
+        record = by_id[prediction["id"]]
+        passages = [data.passage_template.format(title=c["title"], text=c["text"]) for c in record["ctxs"]]
+        inputs = tokenizer([record["question"]] * len(passages), passages, truncation=True,
+                           max_length=load_config(CONFIG).reranker.max_length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            want = model(**inputs).logits[:, 0]
+        got = torch.tensor(prediction["methods"]["reranker"]["scores"])
+        assert torch.allclose(got, want, atol=1e-4), prediction["id"]
+
+
+def interrupted_run(slurm: Slurm, tmp_path: Path, signal_job: Callable[[str], None]) -> tuple[Path, Path, str]:
+    """Submit train.sbatch, let it log two steps, signal it with `signal_job`; returns the
+    output directory, the log and the job's final record."""
+    out = tmp_path / "run"
+    log = tmp_path / "train.log"
+    job_id = slurm.submit("train.sbatch", log, *trainer_args(out))
+    wait_for(lambda: logged_steps(out) >= 2, "the job's first two steps")
+    signal_job(job_id)
+    return out, log, job_id
+
+
+def assert_resumed_exactly(out: Path, log: Path, reference: Path) -> None:
+    text = log.read_text()
+    assert "# slurm job" in text and "(restart 1)" in text, text[-6000:]
+    resumed = [line for line in text.splitlines() if line.startswith("resumed from")]
+    assert len(resumed) == 1, text[-6000:]
+    step = int(resumed[0].rsplit(" ", 1)[1])
+    assert 2 <= step < MAX_STEPS, resumed  # stopped by the signal, not at the end
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{MAX_STEPS}"
+    assert_same_reranker(out, reference)
+
+
+def test_slurm_step_signal_then_requeue_resumes_exactly(tmp_path, reference, slurm):
+    """`scancel --signal=USR1` reaches the job's processes: the trainer finishes its step,
+    checkpoints and exits, the job completes; `scontrol requeue` brings it back, it continues from
+    that checkpoint (--resume auto) and ends with the uninterrupted run's weights."""
+    def signal_steps(job_id: str) -> None:
+        slurm.run("scancel", "--signal=USR1", job_id)
+
+    out, log, job_id = interrupted_run(slurm, tmp_path, signal_steps)
+    job = slurm.wait_done(job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-6000:]
+    stopped = (out / "checkpoints" / "latest").read_text()
+    assert stopped != f"step_{MAX_STEPS}", "the signal came after the last step"
+    slurm.run("scontrol", "requeue", job_id)
+    job = slurm.wait_done(job_id, restarts=1)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-6000:]
+    assert f"resumed from {out / 'checkpoints' / stopped} at step" in log.read_text()
+    assert_resumed_exactly(out, log, reference)
+
+
+def test_slurm_time_limit_signal_requeues_and_resumes_exactly(tmp_path, reference, slurm):
+    """The template's `--signal=B:USR1@600` path: Slurm sends SIGUSR1 to the batch shell only
+    (here at once, with `scancel --batch`), which stops the step with SIGTERM and requeues the
+    job itself; the job comes back, resumes and ends with the uninterrupted run's weights."""
+    template = (ROOT / "launch" / "slurm" / "train.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@" in template and "#SBATCH --requeue" in template
+
+    def signal_batch_shell(job_id: str) -> None:
+        slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    out, log, job_id = interrupted_run(slurm, tmp_path, signal_batch_shell)
+    job = slurm.wait_done(job_id, restarts=1)
+    text = log.read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
+    assert f"# time limit near: requeueing job {job_id}" in text
+    assert_resumed_exactly(out, log, reference)
