@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from grerank_dist.config import DataConfig
+from grerank_dist.generator import InputFormat
 from grerank_dist.metrics import gold_labels
 
 
@@ -226,7 +228,8 @@ def _pad(rows: list[list[int]], value: int, left: bool, width: int | None = None
 class Collator:
     """Tokenises records for the reranker and the generator and pads them into a :class:`Batch`.
 
-    Tokenisation follows the public CEPE evaluation by default: documents as
+    The generator's :class:`InputFormat` (``model.input_format``) decides the templates and
+    where BOS goes. Without one, tokenisation follows the public CEPE evaluation: documents as
     ``Document (Title: {title}): {text}`` without BOS, truncated and left-padded to
     ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
     the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
@@ -241,10 +244,18 @@ class Collator:
         reranker_tokenizer: Any | None,
         reranker_max_length: int,
         seed: int = 0,
+        input_format: InputFormat | None = None,
     ) -> None:
         """``reranker_tokenizer`` None: batches for the generator alone (evaluation), with empty
-        ``reranker_inputs``."""
+        ``reranker_inputs``. ``input_format`` None: CEPE's (the data config's templates, BOS
+        before the prompt, no ``{question}`` in documents)."""
         self.data = data
+        self.format = input_format or InputFormat(data.doc_template, data.prompt_template, prompt_bos=True, doc_question=False)
+        if not self.format.doc_question and "question" in _template_fields(self.format.doc_template):
+            raise ValueError(
+                f"data.doc_template {self.format.doc_template!r}: this generator encodes documents without the "
+                "question; remove {question}"
+            )
         self.gen_tok = generator_tokenizer
         self.rr_tok = reranker_tokenizer
         self.rr_max_length = reranker_max_length
@@ -264,8 +275,10 @@ class Collator:
             rr, valid = reranker_pairs(records, self.rr_tok, d, self.rr_max_length)
         else:
             rr, valid = {}, candidate_mask(records, n)
+        questions = [r["question"] for r in records for _ in range(n)]
         docs = [
-            d.doc_template.format(title=ctx["title"], text=ctx["text"]) for ctx in _padded_ctxs(records, n)
+            self.format.doc_template.format(title=ctx["title"], text=ctx["text"], question=q)
+            for ctx, q in zip(_padded_ctxs(records, n), questions)
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
         # A padded (invalid) candidate still gets one real token so the encoder never sees an
@@ -279,8 +292,8 @@ class Collator:
         enc = _pad(doc_ids, self.gen_pad, left=True, width=width)
         enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True, width=width)
 
-        bos = [self.gen_tok.bos_token_id] if self.gen_tok.bos_token_id is not None else []
-        prompts = self._gen_ids([d.prompt_template.format(question=r["question"]) for r in records])
+        bos = [self.gen_tok.bos_token_id] if self.format.prompt_bos and self.gen_tok.bos_token_id is not None else []
+        prompts = self._gen_ids([self.format.prompt_template.format(question=r["question"]) for r in records])
         answers = self._gen_ids(
             [training_answer(r, d.answer_choice, self.seed, epoch) for r in records]
         )
@@ -349,6 +362,10 @@ def retriever_score_matrix(records: list[dict[str, Any]], n: int) -> torch.Tenso
             if ctx.get("score") is not None:
                 scores[b, i] = float(ctx["score"])
     return scores
+
+
+def _template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -1,0 +1,165 @@
+"""Decoder-only LMs in parallel-context mode against the plain model's own forward and generate.
+
+Architectures covered: Llama, Qwen2 (q/k/v biases) and Mistral, each a tiny random model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grerank_dist.config import DataConfig
+from grerank_dist.data import Collator
+from grerank_dist.models import load_generator
+from grerank_dist.models.decoder_only import DecoderOnlyGenerator
+
+ARCHS = ("llama", "qwen2", "mistral")
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+
+
+def _generator(arch: str, instruction: str = "answer the question", dtype: torch.dtype = torch.float32) -> DecoderOnlyGenerator:
+    data = DataConfig(instruction=instruction)
+    model, _ = load_generator(f"random:tiny-{arch}", [" ".join(WORDS)], seed=0, dtype=dtype, data=data)
+    return model
+
+
+def _plain(gen: DecoderOnlyGenerator) -> torch.nn.Module:
+    """The same weights as an ordinary model with transformers' eager attention (the reference)."""
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(gen.lm.config), attn_implementation="eager", dtype=gen.lm.dtype)
+    plain.load_state_dict(gen.lm.state_dict())
+    return plain.eval()
+
+
+def _ids(*words: str) -> list[int]:
+    return [4 + WORDS.index(w) for w in words]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_document_equals_plain_forward_and_generate(arch: str) -> None:
+    gen = _generator(arch)
+    plain = _plain(gen)
+    prefix, doc, prompt, answer = gen.prefix_ids, _ids("beta", "gamma", "delta"), _ids("eta", "theta"), _ids("iota", "mu")
+    assert len(prefix) > 1  # BOS + instruction words
+    contexts = gen.encode_contexts(torch.tensor([[doc]]), torch.ones(1, 1, len(doc), dtype=torch.long))
+    seq = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    got = gen.answer_logprobs(contexts, seq, torch.ones_like(seq), labels, None)
+    full = torch.tensor([prefix + doc + prompt + answer])
+    with torch.no_grad():
+        logits = plain(full).logits.float().log_softmax(-1)
+    start = len(prefix) + len(doc) + len(prompt)
+    expected = logits[0, start - 1 : start - 1 + len(answer)].gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.token_logprobs[0, len(prompt) :], expected, atol=1e-5, rtol=1e-5)
+    assert got.token_mask.sum() == len(answer)
+
+    prompt_ids = torch.tensor([prompt])
+    tokens = gen.generate(contexts, prompt_ids, torch.ones_like(prompt_ids), None, max_new_tokens=6, pad_token_id=3)
+    context_ids = torch.tensor([prefix + doc + prompt])
+    with torch.no_grad():
+        reference = plain.generate(context_ids, attention_mask=torch.ones_like(context_ids), max_new_tokens=6, do_sample=False,
+                                   eos_token_id=2, pad_token_id=3)[:, context_ids.shape[1] :]
+    assert tokens.tolist() == reference[:, : tokens.shape[1]].tolist()
+
+
+def _batch(gen: DecoderOnlyGenerator, n: int = 4, batch: int = 2) -> tuple:
+    """Padded documents of different lengths and right-padded prompt+answer rows."""
+    torch.manual_seed(1)
+    docs, masks = torch.full((batch, n, 6), 3), torch.zeros(batch, n, 6, dtype=torch.long)
+    for b in range(batch):
+        for i in range(n):
+            length = 2 + (b + i) % 5
+            docs[b, i, 6 - length :] = torch.randint(4, 4 + len(WORDS), (length,))
+            masks[b, i, 6 - length :] = 1
+    seq = torch.tensor([_ids("eta", "theta", "iota", "mu"), _ids("pi", "rho", "sigma", "tau")])
+    seq[1, 3] = 3
+    mask = torch.ones_like(seq)
+    mask[1, 3] = 0
+    labels = seq.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    return gen.encode_contexts(docs, masks), docs, masks, seq, mask, labels
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch: str) -> None:
+    gen = _generator(arch)
+    contexts, docs, masks, seq, mask, labels = _batch(gen)
+    keep = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    log_mask = torch.zeros(2, 4).masked_fill(~keep, float("-inf"))
+    masked = gen.answer_logprobs(contexts, seq, mask, labels, log_mask).token_logprobs
+    for b in range(2):
+        kept = keep[b].nonzero().flatten()
+        alone = gen.encode_contexts(docs[b : b + 1, kept], masks[b : b + 1, kept])
+        removed = gen.answer_logprobs(alone, seq[b : b + 1], mask[b : b + 1], labels[b : b + 1], None).token_logprobs
+        torch.testing.assert_close(masked[b], removed[0], atol=1e-5, rtol=1e-5)
+    plain = gen.answer_logprobs(contexts, seq, mask, labels, None).token_logprobs
+    for constant in (0.0, -2.5):
+        same = gen.answer_logprobs(contexts, seq, mask, labels, torch.full((2, 4), constant)).token_logprobs
+        if constant == 0.0:
+            torch.testing.assert_close(same, plain, atol=1e-6, rtol=1e-6)
+        else:  # a constant shifts every document's weight alike but not the prefix or prompt's: no longer equal
+            assert not torch.allclose(same, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS[:2])
+def test_log_mask_gradient_matches_finite_differences(arch: str) -> None:
+    gen = _generator(arch).double()
+    contexts, _, _, seq, mask, labels = _batch(gen, n=3)
+    log_mask = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def loss(lm: torch.Tensor) -> torch.Tensor:
+        return gen.answer_logprobs(contexts, seq, mask, labels, lm).sum().sum()
+
+    assert torch.autograd.gradcheck(loss, (log_mask,), eps=1e-6, atol=1e-6)
+    loss(log_mask).backward()
+    assert all(p.grad is None for p in gen.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS[:2])
+def test_gradient_checkpointing_gives_the_same_gradient(arch: str) -> None:
+    gen = _generator(arch)
+    contexts, _, _, seq, mask, labels = _batch(gen, n=3)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            gen.activation_checkpointing_enable()
+        log_mask = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        gen.answer_logprobs(contexts, seq, mask, labels, log_mask).token_mean_nll().backward()
+        grads.append(log_mask.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str) -> None:
+    gen = _generator(arch)
+    contexts, _, _, seq, mask, labels = _batch(gen)
+    masks = torch.randn(2, 3, 4)
+    masks[:, 1, 2] = float("-inf")
+    batched = gen.answer_logprobs(contexts, seq, mask, labels, masks).token_logprobs
+    assert batched.shape == (2, 3, 4)
+    for j in range(3):
+        single = gen.answer_logprobs(contexts, seq, mask, labels, masks[:, j]).token_logprobs
+        torch.testing.assert_close(batched[:, j], single, atol=1e-5, rtol=1e-5)
+    prompts = torch.tensor([[3] + _ids("eta", "theta"), _ids("pi", "rho", "sigma")])
+    prompt_mask = (prompts != 3).long()
+    cached = gen.generate(contexts, prompts, prompt_mask, masks, max_new_tokens=5, stop_token_ids=[], pad_token_id=3)
+    uncached = gen.generate(contexts, prompts, prompt_mask, masks, max_new_tokens=5, pad_token_id=3, use_cache=False)
+    assert cached.shape[:2] == (2, 3)
+    assert cached.tolist() == uncached.tolist()
+    for j in range(3):
+        one = gen.generate(contexts, prompts, prompt_mask, masks[:, j], max_new_tokens=5, pad_token_id=3)
+        assert one.tolist() == cached[:, j, : one.shape[1]].tolist()
+
+
+def test_collator_uses_the_generator_format() -> None:
+    data = DataConfig(n_candidates=2, doc_max_tokens=8, doc_template="{question} {title} {text}", instruction="alpha beta")
+    records = [{"question": "gamma", "answers": ["delta"], "ctxs": [{"title": "eta", "text": "theta"}]}]
+    gen, tok = load_generator("random:tiny-llama", ["alpha beta gamma delta eta theta question answer :"], data=data)
+    batch = Collator(data, tok, None, 0, input_format=gen.input_format)(records, [0])
+    assert gen.prefix_ids == [tok.bos_token_id] + tok("alpha beta", add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id not in batch.input_ids.tolist()[0]  # BOS lives in the shared prefix
+    assert tok.decode(batch.encoder_input_ids[0, 0][batch.encoder_attention_mask[0, 0].bool()]) == "gamma eta theta"
+    with pytest.raises(ValueError, match=r"data.doc_template .*remove \{question\}"):
+        Collator(data, tok, None, 0)  # CEPE's format encodes documents without the question
