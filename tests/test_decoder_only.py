@@ -105,15 +105,27 @@ def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch
 
 @pytest.mark.parametrize("arch", ARCHS[:2])
 def test_log_mask_gradient_matches_finite_differences(arch: str) -> None:
+    # fp64, but transformers' RMSNorm computes in fp32 (~1e-7 relative): central differences
+    # with a step of 1e-2 keep both their truncation and that rounding near 1e-5.
     gen = _generator(arch).double()
     contexts, _, _, seq, mask, labels = _batch(gen, n=3)
-    log_mask = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    log_mask = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def loss(lm: torch.Tensor) -> torch.Tensor:
         return gen.answer_logprobs(contexts, seq, mask, labels, lm).sum().sum()
 
-    assert torch.autograd.gradcheck(loss, (log_mask,), eps=1e-6, atol=1e-6)
-    loss(log_mask).backward()
+    point = log_mask.clone().requires_grad_()
+    loss(point).backward()
+    step = 1e-2
+    numeric = torch.zeros_like(log_mask)
+    with torch.no_grad():
+        for idx in range(log_mask.numel()):
+            delta = torch.zeros_like(log_mask).view(-1)
+            delta[idx] = step
+            delta = delta.view_as(log_mask)
+            numeric.view(-1)[idx] = (loss(log_mask + delta) - loss(log_mask - delta)) / (2 * step)
+    assert numeric.abs().max() > 1e-3  # the mask matters, so the comparison below means something
+    torch.testing.assert_close(point.grad, numeric, atol=1e-4, rtol=1e-2)
     assert all(p.grad is None for p in gen.parameters())
 
 
