@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 from grerank_dist.config import DataConfig
 from grerank_dist.data import Collator
 from grerank_dist.models import load_generator
-from grerank_dist.models.decoder_only import DecoderOnlyGenerator
+from grerank_dist.models.decoder_only import DecoderOnlyGenerator, decoder_input_format
 
-ARCHS = ("llama", "qwen2", "mistral")
+ARCHS = ("llama", "qwen2", "mistral")  # every property below
+ALL_ARCHS = (*ARCHS, "qwen3", "gemma")  # the equivalence with the plain model
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
@@ -37,7 +38,7 @@ def _ids(*words: str) -> list[int]:
     return [4 + WORDS.index(w) for w in words]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_one_document_equals_plain_forward_and_generate(arch: str) -> None:
     gen = _generator(arch)
     plain = _plain(gen)
@@ -175,3 +176,72 @@ def test_collator_uses_the_generator_format() -> None:
     assert tok.decode(batch.encoder_input_ids[0, 0][batch.encoder_attention_mask[0, 0].bool()]) == "gamma eta theta"
     with pytest.raises(ValueError, match=r"data.doc_template .*remove \{question\}"):
         Collator(data, tok, None, 0)  # CEPE's format encodes documents without the question
+
+
+
+def test_document_attention_mass_equals_the_plain_models_attention_weights() -> None:
+    gen = _generator("llama")
+    plain = _plain(gen)
+    prefix, doc, prompt, answer = gen.prefix_ids, _ids("beta", "gamma", "delta"), _ids("eta", "theta"), _ids("iota", "mu", "nu")
+    contexts = gen.encode_contexts(torch.tensor([[doc]]), torch.ones(1, 1, len(doc), dtype=torch.long))
+    seq = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    full = torch.tensor([prefix + doc + prompt + answer])
+    with torch.no_grad():
+        attentions = plain(full, output_attentions=True).attentions  # per layer [1, H, T, T]
+    start = len(prefix) + len(doc) + len(prompt)
+    predicting = slice(start - 1, start - 1 + len(answer))
+    doc_keys = slice(len(prefix), len(prefix) + len(doc))
+    expected = torch.stack([a[0, :, predicting, doc_keys].sum(-1).mean() for a in attentions]).mean()
+    got = gen.document_attention_mass(contexts, seq, torch.ones_like(seq), labels, None)
+    torch.testing.assert_close(got, expected.reshape(1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_document_attention_mass_under_masks() -> None:
+    gen = _generator("qwen2")
+    contexts, docs, masks, seq, mask, labels = _batch(gen, n=3)
+    log_mask = torch.tensor([[0.0, -1.0, float("-inf")], [-0.5, 0.0, 0.0]])
+    mass = gen.document_attention_mass(contexts, seq, mask, labels, log_mask)
+    assert mass.shape == (2, 3) and mass[0, 2] == 0 and bool((mass[:, :2] > 0).all())
+    alone = gen.encode_contexts(docs[:1, :2], masks[:1, :2])  # removing the -inf document changes nothing
+    torch.testing.assert_close(mass[0, :2], gen.document_attention_mass(alone, seq[:1], mask[:1], labels[:1], log_mask[:1, :2])[0])
+    weighted = gen.document_attention_mass(contexts, seq, mask, labels, log_mask, value_norm=True)
+    assert weighted[0, 2] == 0 and not torch.allclose(weighted, mass)
+    stacked = torch.stack([log_mask, torch.zeros(2, 3)], dim=1)
+    batched = gen.document_attention_mass(contexts, seq, mask, labels, stacked)
+    torch.testing.assert_close(batched[:, 0], mass)
+    torch.testing.assert_close(batched[:, 1], gen.document_attention_mass(contexts, seq, mask, labels, None))
+
+
+def test_local_directory_loads_as_a_decoder_only_generator(tmp_path) -> None:
+    data = DataConfig(instruction="answer the question")
+    # (a random Qwen2 would not do: transformers maps a qwen2 directory to its BPE tokenizer class,
+    # which cannot rebuild the word-level test tokenizer)
+    gen, tok = load_generator("random:tiny-llama", [" ".join(WORDS)], data=data)
+    gen.lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_generator(str(tmp_path), data=data)
+    assert isinstance(loaded, DecoderOnlyGenerator) and loaded.prefix_ids == gen.prefix_ids
+    assert not any(p.requires_grad for p in loaded.parameters())
+    contexts, _, _, seq, mask, labels = _batch(gen)
+    loaded_contexts = loaded.encode_contexts(*_batch(gen)[1:3])
+    torch.testing.assert_close(
+        loaded.answer_logprobs(loaded_contexts, seq, mask, labels, None).token_logprobs,
+        gen.answer_logprobs(contexts, seq, mask, labels, None).token_logprobs,
+    )
+
+
+def test_chat_template_splits_into_prefix_and_prompt() -> None:
+    _, tok = load_generator("random:tiny-llama", ["user end assistant read question answer :"])
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}user {{ m['content'] }} end{% endfor %}"
+        "{% if add_generation_prompt %} assistant{% endif %}"
+    )
+    data = DataConfig(instruction="read ", prompt_template=" question {question} answer :", chat_template=True)
+    fmt, prefix = decoder_input_format(tok, data)
+    assert prefix == tok("<s>user read ", add_special_tokens=False)["input_ids"]
+    assert prefix[0] == tok.bos_token_id
+    assert fmt.prompt_template == " question {question} answer : end assistant"
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        decoder_input_format(tok, data)

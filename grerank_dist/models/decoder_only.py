@@ -77,6 +77,11 @@ class _ParallelKeys:
 
     contexts: DecoderContexts
     key_bias: torch.Tensor  # [R, P + n*L], R = B*m rows (m masks per query, consecutive)
+    # document_attention_mass only: weight [R, S] of each query position, value-norm weighting,
+    # and the per-layer [R, P + n*L] key masses it collects.
+    mass_queries: torch.Tensor | None = None
+    value_norm: bool = False
+    masses: list[torch.Tensor] | None = None
 
 
 def parallel_context_attention(
@@ -128,12 +133,25 @@ def parallel_context_attention(
         own_scores = own_scores + own_mask.reshape(rows, 1, group * q_len, key.shape[2])
     probs = torch.softmax(torch.cat([doc_scores, own_scores], dim=-1), dim=-1)
     doc_probs, own_probs = probs.split([n_doc_keys, key.shape[2]], dim=-1)
+    if parallel_keys.masses is not None:
+        parallel_keys.masses.append(_key_mass(doc_probs, doc_v, parallel_keys, group, q_len))
     doc_probs = doc_probs.reshape(batch, per_query, n_kv, group * q_len, n_doc_keys).transpose(1, 2)
     doc_out = torch.matmul(doc_probs.reshape(batch, n_kv, per_query * group * q_len, n_doc_keys), doc_v.to(compute))
     doc_out = doc_out.reshape(batch, n_kv, per_query, group * q_len, head_dim).transpose(1, 2)
     out = doc_out.reshape(rows, n_kv, group * q_len, head_dim) + torch.matmul(own_probs, value.to(compute))
     out = out.reshape(rows, n_heads, q_len, head_dim).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _key_mass(doc_probs: torch.Tensor, doc_v: torch.Tensor, keys: _ParallelKeys, group: int, q_len: int) -> torch.Tensor:
+    """[R, P + n*L] attention mass of each prefix/document key, summed over heads and the weighted
+    query positions (optionally times the key's value norm, Kobayashi et al. 2020)."""
+    rows, n_kv, _, n_doc_keys = doc_probs.shape
+    probs = doc_probs.reshape(rows, n_kv, group, q_len, n_doc_keys)
+    if keys.value_norm:
+        norms = doc_v.to(probs.dtype).norm(dim=-1)  # [B, Hkv, N]
+        probs = probs * norms.repeat_interleave(rows // norms.shape[0], dim=0)[:, :, None, None, :]
+    return torch.einsum("rkgsn,rs->rn", probs, keys.mass_queries.to(probs.dtype))
 
 
 ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, parallel_context_attention)
@@ -346,6 +364,37 @@ class DecoderOnlyGenerator(nn.Module):
             token_logprobs = token_logprobs.reshape(-1, per_query, labels.shape[1])
             is_target = is_target.reshape(-1, per_query, labels.shape[1])
         return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+
+    @torch.no_grad()
+    def document_attention_mass(
+        self,
+        contexts: DecoderContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+        value_norm: bool = False,
+    ) -> torch.Tensor:
+        """Attention mass on each candidate, [B, n] (or [B, m, n] for 3-D masks): the softmax
+        weight of the candidate's keys, averaged over heads, layers and the positions that
+        predict answer tokens (``value_norm``: each weight times its key's value norm). The
+        prefix's share is left out, so a row sums to at most 1 without ``value_norm``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, keys, per_query = self._rows(
+            contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        )
+        predicting = torch.zeros_like(rows["labels"], dtype=torch.bool)
+        predicting[:, :-1] = rows["labels"][:, 1:] != -100
+        counts = predicting.sum(-1, keepdim=True).clamp_min(1)
+        keys.mass_queries = predicting.to(torch.float32) / counts
+        keys.value_norm, keys.masses = value_norm, []
+        self._hidden(rows["input_ids"], rows["attention_mask"], keys)
+        heads = self.config.num_attention_heads
+        mass = torch.stack(keys.masses).mean(0) / heads  # [R, P + n*L]
+        batch, n_docs, doc_len = contexts.key_padding.shape
+        mass = mass[:, contexts.prefix_len :].reshape(-1, n_docs, doc_len).sum(-1)
+        return mass.reshape(batch, per_query, n_docs) if doc_log_mask is not None and doc_log_mask.dim() == 3 else mass
 
     @torch.no_grad()
     def generate(
