@@ -245,3 +245,45 @@ def test_chat_template_splits_into_prefix_and_prompt() -> None:
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         decoder_input_format(tok, data)
+
+
+def test_eval_cli_generator_setting_with_a_decoder_only_directory(tmp_path) -> None:
+    """`grerank eval --setting generator` unchanged, on a saved tiny Llama: the retriever's top-k
+    answers are those the generator gives from the kept documents alone."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from toy import toy_records, write_jsonl
+
+    from grerank_dist.config import load_config
+    from grerank_dist.evaluate import clean_prediction, stop_token_ids
+    from grerank_dist.train import record_texts
+
+    root = Path(__file__).resolve().parents[1]
+    records = toy_records(4, 4, seed=5)
+    data_file = write_jsonl(tmp_path / "test.jsonl", records)
+    overrides = [f"generator.path={tmp_path / 'gen'}", "generator.max_new_tokens=3", "relax.k=2",
+                 f"data.eval_file={data_file}", "data.n_candidates=4", "data.instruction=read the documents"]
+    config = load_config(root / "configs" / "tiny_cpu.yaml", overrides)
+    gen, tok = load_generator("random:tiny-llama", record_texts(records, config), data=config.data)
+    gen.lm.save_pretrained(tmp_path / "gen")
+    tok.save_pretrained(tmp_path / "gen")
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'tests'}:{root}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "grerank_dist.cli", "eval", "--config", str(root / "configs" / "tiny_cpu.yaml"),
+         "--setting", "generator", "--k", "2", "--out", str(tmp_path / "out"), *overrides],
+        capture_output=True, text=True, timeout=300, env=env, cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4
+    batch = Collator(config.data, tok, None, 8, input_format=gen.input_format)(records, list(range(4)))
+    for row, prediction in enumerate(predictions):
+        ids = [c["id"] for c in records[row]["ctxs"]]
+        kept = [ids.index(i) for i in prediction["methods"]["retriever"]["ranking"][:2]]
+        contexts = gen.encode_contexts(batch.encoder_input_ids[row : row + 1, kept], batch.encoder_attention_mask[row : row + 1, kept])
+        tokens = gen.generate(contexts, batch.prompt_ids[row : row + 1], batch.prompt_attention_mask[row : row + 1], None,
+                              max_new_tokens=3, stop_token_ids=stop_token_ids(tok))
+        assert clean_prediction(tok.decode(tokens[0], skip_special_tokens=True)) == prediction["methods"]["retriever"]["prediction"]
