@@ -96,12 +96,12 @@ def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch
         removed = gen.answer_logprobs(alone, seq[b : b + 1], mask[b : b + 1], labels[b : b + 1], None).token_logprobs
         torch.testing.assert_close(masked[b], removed[0], atol=1e-5, rtol=1e-5)
     plain = gen.answer_logprobs(contexts, seq, mask, labels, None).token_logprobs
-    for constant in (0.0, -2.5):
+    for constant in (0.0, -2.5, 3.0):
         same = gen.answer_logprobs(contexts, seq, mask, labels, torch.full((2, 4), constant)).token_logprobs
-        if constant == 0.0:
-            torch.testing.assert_close(same, plain, atol=1e-6, rtol=1e-6)
-        else:  # a constant shifts every document's weight alike but not the prefix or prompt's: no longer equal
-            assert not torch.allclose(same, plain, atol=1e-4)
+        torch.testing.assert_close(same, plain, atol=1e-6, rtol=1e-6)
+    # ... and a log-mask matters only up to a constant per row.
+    shifted = gen.answer_logprobs(contexts, seq, mask, labels, log_mask + torch.tensor([[1.5], [-4.0]])).token_logprobs
+    torch.testing.assert_close(shifted, masked, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS[:2])

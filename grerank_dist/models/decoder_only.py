@@ -10,7 +10,8 @@ Layout of one query with n candidates (positions in brackets)::
   prompt); this yields every layer's keys and values of every document.
 - The prompt and answer tokens attend, in every layer, to the prefix and all documents' keys
   with the per-document log-mask added to their scores (-inf on padding), plus their own keys
-  causally; their positions continue at P+L.
+  causally; their positions continue at P+L. Each row's log-mask is first shifted so that its
+  largest value is 0: log-masks then mean the same up to a constant, as for CEPE and FiD.
 
 Everything goes through transformers' attention interface: the model runs with the attention
 function registered here (:data:`ATTENTION_NAME`), which receives the documents' keys, values
@@ -299,6 +300,11 @@ class DecoderOnlyGenerator(nn.Module):
             raise ValueError(
                 f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {per_query} mask(s) each it must have {batch} or {rows}"
             )
+        # A log-mask means the same up to a constant per row (as in CEPE and FiD, whose documents
+        # are the only cross-attention keys): here the prefix and the prompt are keys too, so
+        # each row is shifted to give its strongest document weight 1 (log 0), like them.
+        row_max = doc_log_mask.amax(dim=-1, keepdim=True)
+        doc_log_mask = doc_log_mask - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         doc_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
         check_key_bias(doc_bias)
         prefix_bias = doc_bias.new_zeros(rows, contexts.prefix_len)  # the prefix is no document: never masked
