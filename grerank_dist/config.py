@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class GeneratorConfig:
-    # A local checkpoint directory, or "random:tiny" for a random-init tiny CEPE (tests, smoke runs).
+    # A local checkpoint directory (CEPE, or a Llama/Qwen2/Qwen3/Mistral/Gemma causal LM), or
+    # "random:tiny" (tiny CEPE) / "random:tiny-llama" (-qwen2, -mistral, ...) for random-init tests.
     path: str = "random:tiny"
     # Cross-attention backend of grerank_dist.attention ("auto" picks the fastest exact one).
     attention_backend: str = "auto"
@@ -70,6 +71,10 @@ class DataConfig:
     doc_template: str = "Document (Title: {title}): {text}"
     prompt_template: str = "Question: {question}\nAnswer:"
     passage_template: str = "{title} {text}"
+    # Decoder-only generators: text of the shared prefix after BOS (pre-filled once, before the
+    # documents), and whether the model's chat template wraps instruction + documents + prompt.
+    instruction: str = ""
+    chat_template: bool = False
     # Which gold answer is the training target when a record has several.
     answer_choice: str = "first"  # first | shortest | random (seeded by epoch and record)
     answer_eos: bool = False  # append EOS to the training answer

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from grerank_dist.config import CANDIDATE_ORDERS, DataConfig
+from grerank_dist.generator import InputFormat
 from grerank_dist.metrics import gold_labels, retriever_order
 
 
@@ -251,7 +252,8 @@ def _pad(rows: list[list[int]], value: int, left: bool, width: int | None = None
 class Collator:
     """Tokenises records for the reranker and the generator and pads them into a :class:`Batch`.
 
-    Tokenisation follows the public CEPE evaluation by default: documents as
+    The generator's :class:`InputFormat` (``model.input_format``) decides the templates and
+    where BOS goes. Without one, tokenisation follows the public CEPE evaluation: documents as
     ``Document (Title: {title}): {text}`` without BOS, truncated and left-padded to
     ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
     the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
@@ -266,10 +268,13 @@ class Collator:
         reranker_tokenizer: Any | None,
         reranker_max_length: int,
         seed: int = 0,
+        input_format: InputFormat | None = None,
     ) -> None:
         """``reranker_tokenizer`` None: batches for the generator alone (evaluation), with empty
-        ``reranker_inputs``."""
+        ``reranker_inputs``. ``input_format`` None: CEPE's (the data config's templates, BOS
+        before the prompt)."""
         self.data = data
+        self.format = input_format or InputFormat(data.doc_template, data.prompt_template, prompt_bos=True)
         self.gen_tok = generator_tokenizer
         self.rr_tok = reranker_tokenizer
         self.rr_max_length = reranker_max_length
@@ -289,10 +294,10 @@ class Collator:
             rr, valid = reranker_pairs(records, self.rr_tok, d, self.rr_max_length)
         else:
             rr, valid = {}, candidate_mask(records, n)
+        questions = [r["question"] for r in records for _ in range(n)]
         docs = [
-            d.doc_template.format(title=ctx["title"], text=ctx["text"], question=record["question"])
-            for record in records
-            for ctx in _padded_ctxs([record], n)
+            self.format.doc_template.format(title=ctx["title"], text=ctx["text"], question=q)
+            for ctx, q in zip(_padded_ctxs(records, n), questions)
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
         # A padded (invalid) candidate still gets one real token so the encoder never sees an
@@ -306,8 +311,8 @@ class Collator:
         enc = _pad(doc_ids, self.gen_pad, left=True, width=width)
         enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True, width=width)
 
-        bos = [self.gen_tok.bos_token_id] if self.gen_tok.bos_token_id is not None else []
-        prompts = self._gen_ids([d.prompt_template.format(question=r["question"]) for r in records])
+        bos = [self.gen_tok.bos_token_id] if self.format.prompt_bos and self.gen_tok.bos_token_id is not None else []
+        prompts = self._gen_ids([self.format.prompt_template.format(question=r["question"]) for r in records])
         answers = self._gen_ids(
             [training_answer(r, d.answer_choice, self.seed, epoch) for r in records]
         )

@@ -185,7 +185,7 @@ def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnsw
     return TopKAnswerer(
         generator=generator,
         tokenizer=tokenizer,
-        collator=Collator(config.data, tokenizer, None, config.reranker.max_length),
+        collator=Collator(config.data, tokenizer, None, config.reranker.max_length, input_format=generator.input_format),
         k=config.relax.k,
         max_new_tokens=config.generator.max_new_tokens,
         stop_ids=stop_token_ids(tokenizer),

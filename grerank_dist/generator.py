@@ -9,7 +9,7 @@ log-mask that is added to every cross-attention score of that document's keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -97,3 +97,35 @@ class ParallelContextGenerator(Protocol):
         token with the tokenizer's pad id). Under ZeRO-3 every rank runs the same number of
         decoder steps, so ranks must call it in lock step."""
         ...
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How a record becomes a generator's inputs (read by :class:`grerank_dist.data.Collator`).
+
+    Documents are tokenised without special tokens, truncated and left-padded to
+    ``data.doc_max_tokens``; the prompt is ``prompt_template`` (with ``{question}``), followed by
+    the answer tokens.
+    """
+
+    doc_template: str
+    prompt_template: str
+    # True: the prompt starts with BOS (CEPE: the decoder reads no documents in its own stream);
+    # False: BOS lives in the generator's shared prefix, before the documents (decoder-only).
+    prompt_bos: bool
+
+
+@dataclass(frozen=True)
+class GeneratorFamily:
+    """One kind of parallel-context generator: which checkpoints it reads and how to build it.
+
+    ``load(path, dtype, data)`` and ``build_random(size, vocab_texts, seed, dtype, data)`` return
+    a frozen model (which carries its :class:`InputFormat` as ``model.input_format``) and its
+    tokenizer; ``data`` is the run's :class:`grerank_dist.config.DataConfig` (templates).
+    """
+
+    name: str
+    random_sizes: tuple[str, ...]  # accepted after "random:" in generator.path
+    accepts: Callable[[dict[str, Any]], bool]  # a checkpoint's parsed config.json
+    load: Callable[..., tuple[torch.nn.Module, Any]]
+    build_random: Callable[..., tuple[torch.nn.Module, Any]]

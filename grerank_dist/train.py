@@ -62,7 +62,9 @@ def build_generator(
 ) -> tuple[ParallelContextGenerator, Any]:
     """The frozen generator in its engine (partitioned as it loads under ZeRO-3), and its tokenizer."""
     with strategy.generator_loading():
-        model, tokenizer = load_generator(config.generator.path, vocab_texts, seed=config.generator.seed, dtype=strategy.dtype)
+        model, tokenizer = load_generator(
+            config.generator.path, vocab_texts, seed=config.generator.seed, dtype=strategy.dtype, data=config.data
+        )
     model.config.cross_attn_backend = config.generator.attention_backend
     if config.generator.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -164,7 +166,10 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
 
-    collate = Collator(config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=config.seed)
+    collate = Collator(
+        config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=config.seed,
+        input_format=generator.input_format,
+    )
     schedule = MicroBatchSchedule(
         len(records), config.train.micro_batch_size, strategy.world_size, strategy.rank, config.seed
     )

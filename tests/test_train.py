@@ -254,3 +254,15 @@ def test_bf16_generator_keeps_the_reranker_in_fp32(tmp_path, toy_data):
     exported = load_file(tmp_path / "reranker" / "model.safetensors")
     assert {t.dtype for t in exported.values()} == {torch.float32}
     assert all(math.isfinite(x) for x in losses(tmp_path))
+
+
+def test_two_process_zero3_training_with_a_decoder_only_generator(tmp_path, toy_data):
+    """torchrun, 2 ranks, a random tiny Llama frozen under ZeRO-3 in parallel-context mode with
+    gradient checkpointing: the run completes, logs finite losses and exports the reranker."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    check(run_cli(["-m", "grerank_dist.train", "--config", str(CONFIG), f"output_dir={tmp_path}",
+                   f"data.train_file={toy_data}", "generator.path=random:tiny-llama", "train.max_steps=2"],
+                  launcher=torchrun))
+    history = losses(tmp_path)
+    assert len(history) == 2 and all(math.isfinite(x) and x > 0 for x in history)
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "reranker").num_labels == 1

@@ -1,7 +1,14 @@
-"""Generator models that sit behind :class:`grerank_dist.generator.ParallelContextGenerator`."""
+"""Generator models that sit behind :class:`grerank_dist.generator.ParallelContextGenerator`.
+
+Each generator family is one module with a ``FAMILY`` (:class:`grerank_dist.generator.GeneratorFamily`):
+which checkpoints it reads, how it loads them, which random tiny models it builds, and (on the
+model it returns, ``model.input_format``) how a record becomes its inputs. A new family is one
+module plus one entry in :data:`FAMILY_MODULES`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -9,49 +16,68 @@ from typing import Any
 
 import torch
 
+from grerank_dist.generator import GeneratorFamily
+
 RANDOM_PREFIX = "random:"
+# Tried in order: the first family that accepts a checkpoint's config.json loads it.
+FAMILY_MODULES: tuple[str, ...] = ("grerank_dist.models.cepe", "grerank_dist.models.decoder_only")
+
+
+def generator_families() -> list[GeneratorFamily]:
+    return [importlib.import_module(name).FAMILY for name in FAMILY_MODULES]
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a generator checkpoint directory (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file}: not valid JSON at line {exc.lineno}: {exc.msg}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def load_generator(
-    path: str, vocab_texts: Iterable[str] = (), seed: int = 0, dtype: torch.dtype = torch.float32
+    path: str,
+    vocab_texts: Iterable[str] = (),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    data: Any = None,
 ) -> tuple[torch.nn.Module, Any]:
     """A frozen generator and its tokenizer from a local checkpoint directory.
 
-    ``random:tiny`` builds a random-init tiny CEPE whose word-level vocabulary covers
-    ``vocab_texts`` (smoke runs and tests; every rank builds the same weights from ``seed``).
-    A directory is dispatched on its ``config.json`` ``model_type`` and loaded in ``dtype``
-    (inside :meth:`DeepSpeedStrategy.generator_loading`, partitioned as it loads).
+    ``random:<size>`` builds a random-init tiny model whose word-level vocabulary covers
+    ``vocab_texts`` (smoke runs and tests; every rank builds the same weights from ``seed``):
+    ``random:tiny`` is CEPE, ``random:tiny-llama`` (``-qwen2``, ``-qwen3``, ``-mistral``,
+    ``-gemma``) a decoder-only LM. A directory is dispatched on its ``config.json`` and loaded
+    in ``dtype`` (inside :meth:`DeepSpeedStrategy.generator_loading`, partitioned as it loads).
+    ``data`` (a :class:`grerank_dist.config.DataConfig`, default: its defaults) gives the templates.
     """
-    from transformers import AutoTokenizer
+    if data is None:
+        from grerank_dist.config import DataConfig
 
-    from grerank_dist.models.cepe import CepeConfig, CepeForCausalContextLM, tiny_cepe_config
-
+        data = DataConfig()
+    families = generator_families()
     if path.startswith(RANDOM_PREFIX):
         size = path[len(RANDOM_PREFIX) :]
-        if size != "tiny":
-            raise ValueError(f"generator.path {path!r}: the only random generator is 'random:tiny'")
-        from grerank_dist.tokenization import build_word_tokenizer
-
-        tokenizer = build_word_tokenizer(vocab_texts, "decoder")
-        torch.manual_seed(seed)
-        model = CepeForCausalContextLM(tiny_cepe_config(vocab_size=len(tokenizer))).to(dtype)
+        family = next((f for f in families if size in f.random_sizes), None)
+        if family is None:
+            sizes = ", ".join(f"'{RANDOM_PREFIX}{s}'" for f in families for s in f.random_sizes)
+            raise ValueError(f"generator.path {path!r}: unknown random generator (choose from {sizes})")
+        model, tokenizer = family.build_random(size, list(vocab_texts), seed, dtype, data)
     else:
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path}: not a generator checkpoint directory (no config.json)")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{config_file}: not valid JSON at line {exc.lineno}: {exc.msg}") from exc
-        # The public CEPE release says model_type "llama"; its cross-attention keys identify it.
-        if raw.get("model_type") != CepeConfig.model_type and "num_cross_attn_layers" not in raw:
+        raw = _read_config(path)
+        family = next((f for f in families if f.accepts(raw)), None)
+        if family is None:
             raise ValueError(
-                f"{config_file}: model_type {raw.get('model_type')!r} is not a supported generator "
-                f"(supported: CEPE checkpoints, model_type {CepeConfig.model_type!r} or a config with "
-                f"'num_cross_attn_layers')"
+                f"{Path(path) / 'config.json'}: model_type {raw.get('model_type')!r} is not a supported generator "
+                f"(families: {', '.join(f.name for f in families)}; CEPE needs model_type 'cepe_llama' or "
+                f"'num_cross_attn_layers', decoder-only LMs one of llama, qwen2, qwen3, mistral, gemma)"
             )
-        model = CepeForCausalContextLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model, tokenizer = family.load(path, dtype, data)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer

@@ -51,7 +51,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import ModelOutput
 
 from grerank_dist.attention import BACKENDS, check_key_bias, expand_doc_bias, masked_attention
-from grerank_dist.generator import AnswerLogProbs, EncodedContexts
+from grerank_dist.generator import AnswerLogProbs, EncodedContexts, GeneratorFamily, InputFormat
 
 __all__ = [
     "CepeCausalLMOutput",
@@ -975,3 +975,40 @@ def _all_ranks_done(finished: torch.Tensor) -> bool:
     flag = local_done.to(torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# the family (grerank_dist.models dispatches to it)
+
+
+def _cepe_format(data: Any) -> InputFormat:
+    """The public CEPE evaluation's layout: documents without BOS, BOS + prompt in the decoder."""
+    return InputFormat(doc_template=data.doc_template, prompt_template=data.prompt_template, prompt_bos=True)
+
+
+def _build_random_cepe(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch.dtype, data: Any) -> tuple["CepeForCausalContextLM", Any]:
+    from grerank_dist.tokenization import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(vocab_texts, "decoder")
+    torch.manual_seed(seed)
+    model = CepeForCausalContextLM(tiny_cepe_config(vocab_size=len(tokenizer))).to(dtype)
+    model.input_format = _cepe_format(data)
+    return model, tokenizer
+
+
+def _load_cepe(path: str, dtype: torch.dtype, data: Any) -> tuple["CepeForCausalContextLM", Any]:
+    from transformers import AutoTokenizer
+
+    model = CepeForCausalContextLM.from_pretrained(path, dtype=dtype)
+    model.input_format = _cepe_format(data)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+FAMILY = GeneratorFamily(
+    name="CEPE",
+    random_sizes=("tiny",),
+    # The public CEPE release says model_type "llama"; its cross-attention keys identify it.
+    accepts=lambda raw: raw.get("model_type") == CepeConfig.model_type or "num_cross_attn_layers" in raw,
+    load=_load_cepe,
+    build_random=_build_random_cepe,
+)

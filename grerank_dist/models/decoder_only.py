@@ -1,0 +1,509 @@
+"""Any decoder-only causal LM as a frozen parallel-context generator (G-Rerank §3.2, §6).
+
+Layout of one query with n candidates (positions in brackets)::
+
+    prefix [0, P)  |  doc_1 [P, P+L)  ...  doc_n [P, P+L)  |  prompt + answer [P+L, ...)
+
+- The shared prefix (BOS, an instruction, or the head of the chat template) is pre-filled once.
+- Every document is pre-filled on its own after the prefix, without autograd, all with the same
+  positions P..P+L-1 (left-padded, so a document's last token sits at P+L-1 right before the
+  prompt); this yields every layer's keys and values of every document.
+- The prompt and answer tokens attend, in every layer, to the prefix and all documents' keys
+  with the per-document log-mask added to their scores (-inf on padding), plus their own keys
+  causally; their positions continue at P+L. Each row's log-mask is first shifted so that its
+  largest value is 0: log-masks then mean the same up to a constant, as for CEPE and FiD.
+
+Everything goes through transformers' attention interface: the model runs with the attention
+function registered here (:data:`ATTENTION_NAME`), which receives the documents' keys, values
+and bias through the forward's keyword arguments and falls back to SDPA when there are none
+(the pre-fill). No modeling file is forked, so Llama, Qwen2/Qwen3, Mistral and Gemma work
+without per-model code (tests cover Llama, Qwen2 and Mistral). The documents' keys are computed
+once per query and shared (broadcast, never copied) by the m masks of that query.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from grerank_dist.attention import check_key_bias, expand_doc_bias
+from grerank_dist.generator import AnswerLogProbs, EncodedContexts, GeneratorFamily, InputFormat
+from grerank_dist.models.cepe import _all_ranks_done, _at_least_fp32, _causal_padding_mask
+
+ATTENTION_NAME = "grerank_parallel_context"
+# Architectures whose attention modules call the registered attention function with
+# (query, key, value, mask, scaling) and nothing this module cannot honour (softcapping,
+# attention sinks, per-layer sliding windows shorter than the context).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+_DOCS_SENTINEL = "\u27e6documents\u27e7"
+_QUESTION_SENTINEL = "\u27e6question\u27e7"
+
+
+@dataclass
+class DecoderContexts(EncodedContexts):
+    """Every layer's keys and values of the shared prefix followed by the n documents.
+
+    ``keys[i]``/``values[i]``: layer i, [B, Hkv, P + n*L, D] (``states`` holds them all, keys
+    first, so generic code that moves or inspects ``states`` sees every tensor).
+    ``prefix_len`` P; the prompt's first position is ``prompt_start`` = P + L.
+    """
+
+    prefix_len: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.states) // 2
+
+    def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.states[idx], self.states[self.num_layers + idx]
+
+    @property
+    def prompt_start(self) -> int:
+        return self.prefix_len + self.doc_len
+
+
+@dataclass
+class _ParallelKeys:
+    """What the registered attention function reads from the forward's keyword arguments."""
+
+    contexts: DecoderContexts
+    key_bias: torch.Tensor  # [R, P + n*L], R = B*m rows (m masks per query, consecutive)
+    # document_attention_mass only: weight [R, S] of each query position, value-norm weighting,
+    # and the per-layer [R, P + n*L] key masses it collects.
+    mass_queries: torch.Tensor | None = None
+    value_norm: bool = False
+    masses: list[torch.Tensor] | None = None
+
+
+def parallel_context_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    parallel_keys: _ParallelKeys | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of the prompt/answer tokens over [prefix + documents (biased), own tokens (causal)].
+
+    ``query`` [R, H, S, D]; ``key``/``value`` [R, Hkv, K, D] the rows' own (cached) tokens;
+    ``attention_mask`` [R, 1, S, K] additive. One softmax in fp32 (fp64 stays fp64) over both key
+    sets. The documents' keys [B, Hkv, N, D] are broadcast over each query's m rows by
+    reshaping the queries, not by copying keys. Without ``parallel_keys`` (the pre-fill) this is
+    transformers' SDPA. Returns [R, S, H, D] as every attention function does.
+    """
+    if parallel_keys is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{type(module).__name__}: attention logit softcapping is not supported in parallel-context mode")
+    window = kwargs.get("sliding_window")
+    if window is not None and parallel_keys.contexts.prompt_start + key.shape[2] > window:
+        raise ValueError(
+            f"{type(module).__name__}: sliding_window={window} is shorter than the parallel context "
+            f"(prefix + document width + prompt = {parallel_keys.contexts.prompt_start + key.shape[2]} positions)"
+        )
+    doc_k, doc_v = parallel_keys.contexts.layer(module.layer_idx)
+    rows, n_heads, q_len, head_dim = query.shape
+    batch, n_kv, n_doc_keys, _ = doc_k.shape
+    per_query, group = rows // batch, n_heads // n_kv
+    compute = torch.promote_types(query.dtype, torch.float32)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    q = query.to(compute)
+    # Documents: [B, Hkv, m*g*S, D] queries against [B, Hkv, N, D] keys shared by the m rows.
+    q_docs = q.reshape(batch, per_query, n_kv, group * q_len, head_dim).transpose(1, 2)
+    doc_scores = torch.matmul(q_docs.reshape(batch, n_kv, per_query * group * q_len, head_dim), doc_k.to(compute).transpose(-1, -2))
+    doc_scores = doc_scores.reshape(batch, n_kv, per_query, group * q_len, n_doc_keys) * scale
+    bias = parallel_keys.key_bias.to(compute).reshape(batch, 1, per_query, 1, n_doc_keys)
+    doc_scores = (doc_scores + bias).transpose(1, 2).reshape(rows, n_kv, group * q_len, n_doc_keys)
+    # Own tokens: grouped heads as extra query rows, causal/padding mask per row.
+    own_scores = torch.matmul(q.reshape(rows, n_kv, group * q_len, head_dim), key.to(compute).transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        own_mask = attention_mask.to(compute)[:, :, None].expand(rows, 1, group, q_len, key.shape[2])
+        own_scores = own_scores + own_mask.reshape(rows, 1, group * q_len, key.shape[2])
+    probs = torch.softmax(torch.cat([doc_scores, own_scores], dim=-1), dim=-1)
+    doc_probs, own_probs = probs.split([n_doc_keys, key.shape[2]], dim=-1)
+    if parallel_keys.masses is not None:
+        parallel_keys.masses.append(_key_mass(doc_probs, doc_v, parallel_keys, group, q_len))
+    doc_probs = doc_probs.reshape(batch, per_query, n_kv, group * q_len, n_doc_keys).transpose(1, 2)
+    doc_out = torch.matmul(doc_probs.reshape(batch, n_kv, per_query * group * q_len, n_doc_keys), doc_v.to(compute))
+    doc_out = doc_out.reshape(batch, n_kv, per_query, group * q_len, head_dim).transpose(1, 2)
+    out = doc_out.reshape(rows, n_kv, group * q_len, head_dim) + torch.matmul(own_probs, value.to(compute))
+    out = out.reshape(rows, n_heads, q_len, head_dim).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _key_mass(doc_probs: torch.Tensor, doc_v: torch.Tensor, keys: _ParallelKeys, group: int, q_len: int) -> torch.Tensor:
+    """[R, P + n*L] attention mass of each prefix/document key, summed over heads and the weighted
+    query positions (optionally times the key's value norm, Kobayashi et al. 2020)."""
+    rows, n_kv, _, n_doc_keys = doc_probs.shape
+    probs = doc_probs.reshape(rows, n_kv, group, q_len, n_doc_keys)
+    if keys.value_norm:
+        norms = doc_v.to(probs.dtype).norm(dim=-1)  # [B, Hkv, N]
+        probs = probs * norms.repeat_interleave(rows // norms.shape[0], dim=0)[:, :, None, None, :]
+    return torch.einsum("rkgsn,rs->rn", probs, keys.mass_queries.to(probs.dtype))
+
+
+ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, parallel_context_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)
+
+
+def decoder_input_format(tokenizer: Any, data: Any) -> tuple[InputFormat, list[int]]:
+    """The Collator's format and the shared prefix ids, from the run's templates.
+
+    Plain: prefix = BOS + ``data.instruction``; documents ``data.doc_template``; prompt
+    ``data.prompt_template``. With ``data.chat_template`` the model's chat template wraps one
+    user turn ``instruction + documents + prompt`` and opens the assistant turn: everything
+    before the documents becomes the prefix, everything after them the prompt template.
+    """
+    instruction = getattr(data, "instruction", "")
+    prompt_template = data.prompt_template
+    if getattr(data, "chat_template", False):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.chat_template is true but the generator's tokenizer has no chat template")
+        content = instruction + _DOCS_SENTINEL + prompt_template.replace("{question}", _QUESTION_SENTINEL)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        head, tail = rendered.split(_DOCS_SENTINEL)
+        prompt_template = tail.replace("{", "{{").replace("}", "}}").replace(_QUESTION_SENTINEL, "{question}")
+        prefix = tokenizer(head, add_special_tokens=False)["input_ids"]
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prefix = bos + (tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else [])
+    fmt = InputFormat(doc_template=data.doc_template, prompt_template=prompt_template, prompt_bos=False)
+    return fmt, prefix
+
+
+class DecoderOnlyGenerator(nn.Module):
+    """A frozen causal LM in parallel-context mode; implements
+    :class:`grerank_dist.generator.ParallelContextGenerator`.
+
+    ``doc_log_mask`` [B, n] or [B, m, n]: m masks per query run as B*m rows (row b*m + j is
+    query b under mask j) over one pre-fill of the documents; decoder inputs may be per query
+    ([B, S], repeated for the m masks) or per row ([B*m, S]); outputs are per row ([B, m, ...]
+    for 3-D masks).
+    """
+
+    def __init__(self, lm: nn.Module, prefix_ids: list[int], input_format: InputFormat) -> None:
+        super().__init__()
+        model_type = lm.config.model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not a supported decoder-only generator "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        lm.config._attn_implementation = ATTENTION_NAME
+        self.lm = lm
+        self.prefix_ids = list(prefix_ids)
+        self.input_format = input_format
+        self.checkpoint_layers = False
+        self.lm.requires_grad_(False)
+        self.lm.eval()
+
+    @property
+    def config(self) -> Any:
+        return self.lm.config
+
+    def activation_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer of the prompt/answer pass in backward (non-reentrant, so
+        the bias passed as a keyword argument still gets its gradient); no input-embedding hook."""
+        self.lm._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=functools.partial(checkpoint, use_reentrant=False))
+        self.checkpoint_layers = True
+
+    def _layers(self) -> nn.ModuleList:
+        return self.lm.model.layers
+
+    # --- documents ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_contexts(self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None) -> DecoderContexts:
+        """Pre-fill the shared prefix once and then the B*n documents after it, all at positions P..P+L-1."""
+        if encoder_input_ids.dim() != 3:
+            raise ValueError(f"encoder_input_ids must be [B, n, L], got shape {tuple(encoder_input_ids.shape)}")
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones_like(encoder_input_ids)
+        if encoder_attention_mask.shape != encoder_input_ids.shape:
+            raise ValueError(
+                f"encoder_attention_mask shape {tuple(encoder_attention_mask.shape)} differs from "
+                f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
+            )
+        batch, n_docs, doc_len = encoder_input_ids.shape
+        device = encoder_input_ids.device
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        prefix_len = len(self.prefix_ids)
+        cache = DynamicCache()
+        if prefix_len:
+            prefix = torch.tensor([self.prefix_ids], device=device)
+            self.lm.model(
+                input_ids=prefix, attention_mask=_causal_padding_mask(torch.ones_like(prefix), prefix_len, dtype),
+                position_ids=torch.arange(prefix_len, device=device)[None], past_key_values=cache, use_cache=True,
+            )
+            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+            cache = DynamicCache()
+            for idx, (k, v) in enumerate(prefix_kv):
+                cache.update(k.expand(batch * n_docs, -1, -1, -1), v.expand(batch * n_docs, -1, -1, -1), idx)
+        docs = encoder_input_ids.reshape(batch * n_docs, doc_len)
+        mask = encoder_attention_mask.reshape(batch * n_docs, doc_len).long()
+        full_mask = torch.cat([mask.new_ones(batch * n_docs, prefix_len), mask], dim=1)
+        self.lm.model(
+            input_ids=docs, attention_mask=_causal_padding_mask(full_mask, doc_len, dtype),
+            position_ids=(prefix_len + torch.arange(doc_len, device=device)).expand(batch * n_docs, doc_len),
+            past_key_values=cache, use_cache=True,
+        )
+        keys, values = [], []
+        for layer in cache.layers:
+            for store, tensor in ((keys, layer.keys), (values, layer.values)):
+                n_kv, head_dim = tensor.shape[1], tensor.shape[3]
+                doc_part = tensor[:, :, prefix_len:].reshape(batch, n_docs, n_kv, doc_len, head_dim)
+                doc_part = doc_part.transpose(1, 2).reshape(batch, n_kv, n_docs * doc_len, head_dim)
+                prefix_part = tensor[:1, :, :prefix_len].expand(batch, -1, -1, -1)
+                store.append(torch.cat([prefix_part, doc_part], dim=2))
+        return DecoderContexts(states=tuple(keys + values), key_padding=encoder_attention_mask.bool(), prefix_len=prefix_len)
+
+    # --- prompt and answer --------------------------------------------------------------------
+
+    def _rows(
+        self, contexts: DecoderContexts, doc_log_mask: torch.Tensor | None, tensors: dict[str, torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor | None], _ParallelKeys, int]:
+        """Check shapes; per-row decoder inputs, the attention kwargs and m (masks per query)."""
+        if not isinstance(contexts, DecoderContexts):
+            raise TypeError(f"contexts must come from this generator's encode_contexts, got {type(contexts).__name__}")
+        input_ids = tensors["input_ids"]
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+        batch, n_docs = contexts.key_padding.shape[:2]
+        if doc_log_mask is None:
+            doc_log_mask = torch.zeros(batch, n_docs, device=contexts.key_padding.device)
+        per_query = doc_log_mask.shape[1] if doc_log_mask.dim() == 3 else 1
+        expected = (batch, n_docs) if doc_log_mask.dim() == 2 else (batch, per_query, n_docs)
+        if tuple(doc_log_mask.shape) != expected:
+            raise ValueError(
+                f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
+                f"got {list(doc_log_mask.shape)}"
+            )
+        rows = batch * per_query
+        if input_ids.shape[0] == batch and per_query > 1:
+            tensors = {k: None if v is None else v.repeat_interleave(per_query, dim=0) for k, v in tensors.items()}
+        elif input_ids.shape[0] != rows:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {per_query} mask(s) each it must have {batch} or {rows}"
+            )
+        # A log-mask means the same up to a constant per row (as in CEPE and FiD, whose documents
+        # are the only cross-attention keys): here the prefix and the prompt are keys too, so
+        # each row is shifted to give its strongest document weight 1 (log 0), like them.
+        row_max = doc_log_mask.amax(dim=-1, keepdim=True)
+        doc_log_mask = doc_log_mask - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        doc_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
+        check_key_bias(doc_bias)
+        prefix_bias = doc_bias.new_zeros(rows, contexts.prefix_len)  # the prefix is no document: never masked
+        return tensors, _ParallelKeys(contexts, torch.cat([prefix_bias, doc_bias], dim=1)), per_query
+
+    def _hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        keys: _ParallelKeys,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states of the newest tokens; ``attention_mask`` [R, K] covers the
+        cached and new own tokens, positions continue from the documents' width."""
+        if self.config._attn_implementation != ATTENTION_NAME:
+            raise RuntimeError(
+                f"the generator's attn_implementation was changed to {self.config._attn_implementation!r}; "
+                f"parallel-context mode needs {ATTENTION_NAME!r} (a model built from its config shares it: deep-copy it)"
+            )
+        query_len = input_ids.shape[1]
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        positions = keys.contexts.prompt_start + (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -query_len:]
+        layers = self._layers()
+        checkpointing = self.checkpoint_layers and torch.is_grad_enabled() and cache is None
+        # transformers checkpoints a layer only in training mode; flip the layers' own flag (not
+        # their submodules', so nothing else changes behaviour) for this pass.
+        for layer in layers:
+            layer.training = checkpointing
+        try:
+            out = self.lm.model(
+                input_ids=input_ids, attention_mask=_causal_padding_mask(attention_mask, query_len, dtype),
+                position_ids=positions, past_key_values=cache, use_cache=cache is not None, parallel_keys=keys,
+            )
+        finally:
+            for layer in layers:
+                layer.training = False
+        return out.last_hidden_state
+
+    def answer_logprobs(
+        self,
+        contexts: DecoderContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+    ) -> AnswerLogProbs:
+        """log p(labels[:, t] | tokens < t) in fp32, aligned with ``labels`` ([R, S]; [B, m, S] for 3-D masks)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, keys, per_query = self._rows(
+            contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        )
+        labels = rows["labels"]
+        if labels is None:
+            raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
+        hidden = self._hidden(rows["input_ids"], rows["attention_mask"], keys)
+        is_target = labels != -100
+        is_target[:, 0] = False  # nothing predicts the first token
+        logits = _at_least_fp32(self.lm.get_output_embeddings()(hidden[:, :-1][is_target[:, 1:]]))
+        picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device).masked_scatter(is_target, picked)
+        if doc_log_mask is not None and doc_log_mask.dim() == 3:
+            token_logprobs = token_logprobs.reshape(-1, per_query, labels.shape[1])
+            is_target = is_target.reshape(-1, per_query, labels.shape[1])
+        return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+
+    @torch.no_grad()
+    def document_attention_mass(
+        self,
+        contexts: DecoderContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+        value_norm: bool = False,
+    ) -> torch.Tensor:
+        """Attention mass on each candidate, [B, n] (or [B, m, n] for 3-D masks): the softmax
+        weight of the candidate's keys, averaged over heads, layers and the positions that
+        predict answer tokens (``value_norm``: each weight times its key's value norm). The
+        prefix's share is left out, so a row sums to at most 1 without ``value_norm``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, keys, per_query = self._rows(
+            contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        )
+        predicting = torch.zeros_like(rows["labels"], dtype=torch.bool)
+        predicting[:, :-1] = rows["labels"][:, 1:] != -100
+        counts = predicting.sum(-1, keepdim=True).clamp_min(1)
+        keys.mass_queries = predicting.to(torch.float32) / counts
+        keys.value_norm, keys.masses = value_norm, []
+        self._hidden(rows["input_ids"], rows["attention_mask"], keys)
+        heads = self.config.num_attention_heads
+        mass = torch.stack(keys.masses).mean(0) / heads  # [R, P + n*L]
+        batch, n_docs, doc_len = contexts.key_padding.shape
+        mass = mass[:, contexts.prefix_len :].reshape(-1, n_docs, doc_len).sum(-1)
+        return mass.reshape(batch, per_query, n_docs) if doc_log_mask is not None and doc_log_mask.dim() == 3 else mass
+
+    @torch.no_grad()
+    def generate(
+        self,
+        contexts: DecoderContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        stop_token_ids: list[int] | None = None,
+        *,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy continuation of LEFT-padded prompts: [R, T] (or [B, m, T]), T <= max_new_tokens.
+
+        Stops at EOS or ``stop_token_ids`` (kept, then ``pad_token_id``); own keys/values are
+        cached (``use_cache=False`` recomputes the whole prompt each step). Under
+        torch.distributed every rank steps until all ranks are done (ZeRO-3 lock step).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1 for every row")
+        rows, keys, per_query = self._rows(contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask})
+        eos = self.config.eos_token_id
+        stop = ([] if eos is None else [eos] if isinstance(eos, int) else list(eos)) + list(stop_token_ids or [])
+        if not stop:
+            raise ValueError("no stop token: config.eos_token_id is None and stop_token_ids is empty")
+        stop_ids = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else stop[0]
+        tokens, mask = rows["input_ids"], rows["attention_mask"]
+        cache = DynamicCache() if use_cache else None
+        step_input = tokens
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        generated: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            hidden = self._hidden(step_input, mask, keys, cache)
+            next_token = self.lm.get_output_embeddings()(hidden[:, -1]).argmax(-1).masked_fill(finished, pad_token_id)
+            generated.append(next_token)
+            finished |= torch.isin(next_token, stop_ids)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step_input = next_token[:, None] if use_cache else tokens
+            if _all_ranks_done(finished):
+                break
+        output = torch.stack(generated, dim=1)
+        if doc_log_mask is not None and doc_log_mask.dim() == 3:
+            output = output.reshape(-1, per_query, output.shape[1])
+        return output
+
+
+# ----------------------------------------------------------------------------------------------
+# the family: loading, random tiny models
+
+
+_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 1024, "bos_token_id": 1, "eos_token_id": 2,
+         "pad_token_id": 3, "tie_word_embeddings": False}
+_TINY_EXTRA = {"llama": {}, "qwen2": {"use_sliding_window": False}, "qwen3": {"head_dim": 16},
+               "mistral": {"sliding_window": None}, "gemma": {"head_dim": 16}}
+RANDOM_SIZES = tuple(f"tiny-{model_type}" for model_type in _TINY_EXTRA)
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
+    """A small random-init config of a supported architecture (2 layers, hidden 64, GQA 4/2 heads)."""
+    if model_type not in _TINY_EXTRA:
+        raise ValueError(f"no tiny config for model_type {model_type!r} (choose from {', '.join(_TINY_EXTRA)})")
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**_TINY, **_TINY_EXTRA[model_type], **overrides})
+
+
+def _wrap(lm: nn.Module, tokenizer: Any, data: Any) -> DecoderOnlyGenerator:
+    fmt, prefix = decoder_input_format(tokenizer, data)
+    return DecoderOnlyGenerator(lm, prefix, fmt)
+
+
+def build_random(size: str, vocab_texts: Any, seed: int, dtype: torch.dtype, data: Any) -> tuple[DecoderOnlyGenerator, Any]:
+    """``random:tiny-<model_type>``: a random-init tiny LM with a word-level tokenizer over ``vocab_texts``."""
+    from grerank_dist.tokenization import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer([*vocab_texts, getattr(data, "instruction", "")], "decoder")
+    torch.manual_seed(seed)
+    config = tiny_config(size.removeprefix("tiny-"), len(tokenizer))
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, dtype=dtype)
+    return _wrap(lm, tokenizer, data), tokenizer
+
+
+def load(path: str, dtype: torch.dtype, data: Any) -> tuple[DecoderOnlyGenerator, Any]:
+    """A local HF causal-LM directory (safetensors or weights-only .bin, no remote code)."""
+    lm = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=ATTENTION_NAME, local_files_only=True, trust_remote_code=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return _wrap(lm, tokenizer, data), tokenizer
+
+
+def accepts(raw_config: dict[str, Any]) -> bool:
+    """A plain causal LM of a supported architecture (not CEPE, whose config has cross-attention keys)."""
+    return raw_config.get("model_type") in SUPPORTED_MODEL_TYPES and "num_cross_attn_layers" not in raw_config
+
+
+FAMILY = GeneratorFamily(name="decoder-only", random_sizes=RANDOM_SIZES, accepts=accepts, load=load, build_random=build_random)
+
