@@ -482,7 +482,7 @@ class CepeEncoder(nn.Module):
         return tuple(all_states[-num_states:])
 
 
-class CepeLMHead(nn.Linear):
+class Fp32LMHead(nn.Linear):
     """The vocabulary projection, computed in (at least) fp32 whatever the weights' dtype.
 
     bf16 logits keep ~3 significant digits (a rounding step of 1/64 at magnitude 2-4), which
@@ -504,7 +504,7 @@ def _build_modules(config: CepeConfig) -> dict[str, nn.Module]:
         raise ValueError("CepeConfig field 'encoder_config' is missing: CEPE needs its encoder's Llama config")
     return {
         "model": CepeDecoder(config),
-        "lm_head": CepeLMHead(config.hidden_size, config.vocab_size, bias=False),
+        "lm_head": Fp32LMHead(config.hidden_size, config.vocab_size, bias=False),
         "encoder": CepeEncoder(config.encoder_llama_config()),
     }
 

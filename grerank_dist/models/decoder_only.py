@@ -38,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grerank_dist.attention import check_key_bias, expand_doc_bias
 from grerank_dist.generator import AnswerLogProbs, EncodedContexts, GeneratorFamily, InputFormat
-from grerank_dist.models.cepe import _all_ranks_done, _at_least_fp32, _causal_padding_mask
+from grerank_dist.models.cepe import Fp32LMHead, _all_ranks_done, _causal_padding_mask
 
 ATTENTION_NAME = "grerank_parallel_context"
 # Architectures whose attention modules call the registered attention function with
@@ -363,7 +363,7 @@ class DecoderOnlyGenerator(nn.Module):
         hidden = self._hidden(rows["input_ids"], rows["attention_mask"], keys)
         is_target = labels != -100
         is_target[:, 0] = False  # nothing predicts the first token
-        logits = _at_least_fp32(self.lm.get_output_embeddings()(hidden[:, :-1][is_target[:, 1:]]))
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][is_target[:, 1:]])
         picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device).masked_scatter(is_target, picked)
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
@@ -476,6 +476,12 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
 
 
 def _wrap(lm: nn.Module, tokenizer: Any, data: Any) -> DecoderOnlyGenerator:
+    head = lm.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(f"{type(lm).__name__}: output embeddings are a {type(head).__name__}, not a plain Linear")
+    # Logits in fp32 whatever the weights' dtype (answer log-probabilities are the training
+    # signal); same module, same parameters (tied ones stay tied), ZeRO-3 gathers it as before.
+    head.__class__ = Fp32LMHead
     fmt, prefix = decoder_input_format(tokenizer, data)
     return DecoderOnlyGenerator(lm, prefix, fmt)
 
