@@ -227,7 +227,8 @@ class Collator:
     """Tokenises records for the reranker and the generator and pads them into a :class:`Batch`.
 
     Tokenisation follows the public CEPE evaluation by default: documents as
-    ``Document (Title: {title}): {text}`` without BOS, truncated and left-padded to
+    ``Document (Title: {title}): {text}`` without BOS (the template may also use ``{question}``,
+    as FiD's ``question: {question} title: {title} context: {text}`` does), truncated and left-padded to
     ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
     the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
     answer has after "Answer:"). Reranker pairs are (question, passage) truncated like the usual
@@ -264,8 +265,10 @@ class Collator:
             rr, valid = reranker_pairs(records, self.rr_tok, d, self.rr_max_length)
         else:
             rr, valid = {}, candidate_mask(records, n)
+        questions = [r["question"] for r in records for _ in range(n)]
         docs = [
-            d.doc_template.format(title=ctx["title"], text=ctx["text"]) for ctx in _padded_ctxs(records, n)
+            d.doc_template.format(title=ctx["title"], text=ctx["text"], question=question)
+            for ctx, question in zip(_padded_ctxs(records, n), questions)
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
         # A padded (invalid) candidate still gets one real token so the encoder never sees an

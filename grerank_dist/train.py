@@ -53,7 +53,9 @@ def record_texts(records: list[dict[str, Any]], config: TrainConfig) -> list[str
     d = config.data
     texts = [d.prompt_template.format(question=r["question"]) for r in records]
     texts += [a for r in records for a in r["answers"]]
-    texts += [d.doc_template.format(title=c["title"], text=c["text"]) for r in records for c in r["ctxs"]]
+    texts += [
+        d.doc_template.format(title=c["title"], text=c["text"], question=r["question"]) for r in records for c in r["ctxs"]
+    ]
     return texts
 
 
