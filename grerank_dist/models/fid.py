@@ -187,6 +187,8 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         rows, width = input_ids.shape
         ids = torch.cat([input_ids.new_full((rows, 1), start_id), input_ids], dim=1)
         mask = torch.cat([attention_mask.new_ones(rows, 1), attention_mask], dim=1)
+        if width == 0:
+            return ids, mask
         # left-padded (or empty) rows: move the start token from column 0 to just before the first real token
         shift = torch.where(attention_mask[:, :1] == 0, width - attention_mask.sum(dim=1, keepdim=True), 0)
         positions = torch.arange(width + 1, device=input_ids.device)[None]
