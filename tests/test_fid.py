@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
+from grerank_dist.config import load_config
 from grerank_dist.generator import ParallelContextGenerator
 from grerank_dist.models import load_generator
 from grerank_dist.models.fid import FID_FORMAT, FidForConditionalGeneration, check_fid_weights, load_fid, tiny_fid_config
@@ -260,20 +261,21 @@ def test_loading_is_strict_and_errors_name_the_key(model, tmp_path):
 
 
 def test_grerank_train_runs_two_process_zero3_with_fid(tmp_path):
-    """`grerank train` with generator.path=random:tiny-fid and FiD's input format, torchrun with
-    2 ranks under ZeRO-3: ranks stay identical, the generator partitioned and unchanged, its
-    log-mask gradient that of an unsharded copy."""
-    from test_train import CONFIG, ROOT, check, run_cli
+    """`configs/tiny_fid_cpu.yaml` (generator.path random:tiny-fid, FiD's input format), torchrun
+    with 2 ranks under ZeRO-3: ranks stay identical, the generator partitioned and unchanged,
+    its log-mask gradient that of an unsharded copy."""
+    from test_train import ROOT, check, run_cli
     from toy import toy_records, write_jsonl
 
-    data = write_jsonl(tmp_path / "train.jsonl", toy_records(40, 6, seed=3))
+    config = ROOT / "configs" / "tiny_fid_cpu.yaml"
+    assert load_config(config).data.doc_template == FID_FORMAT.doc_template
+    data = write_jsonl(tmp_path / "train.jsonl", toy_records(32, 6, seed=3))
     out = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     check(
         run_cli(
-            [str(ROOT / "tests" / "dist_worker.py"), str(CONFIG), str(out / "worker.json"), f"output_dir={out}",
-             f"data.train_file={data}", "generator.path=random:tiny-fid", "train.max_steps=3", "train.save_every=0",
-             f"data.doc_template={FID_FORMAT.doc_template}", "data.prompt_template=''", "data.answer_eos=true", "data.doc_max_tokens=24"],
+            [str(ROOT / "tests" / "dist_worker.py"), str(config), str(out / "worker.json"), f"output_dir={out}",
+             f"data.train_file={data}", "train.max_steps=2", "train.save_every=0"],
             launcher=torchrun,
         )
     )

@@ -214,18 +214,38 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         self_mask = _causal_padding_mask(decoder_mask, query_len, hidden.dtype)
         cross_mask = key_bias[:, None, None, :]
         extra = {"cross_attn_backend": self.config.cross_attn_backend, "attention_record": attention_record}
-        position_bias = cross_bias = None
+        position_bias = None
         for block in self.decoder.block:
-            inputs = (hidden, self_mask, position_bias, states, cross_mask, cross_bias)
+            step = functools.partial(self._block, block, cache=cache, **extra)
             if self.gradient_checkpointing_layers and torch.is_grad_enabled() and cache is None and cross_mask.requires_grad:
-                outputs = checkpoint(functools.partial(block, **extra), *inputs, use_reentrant=True)
+                hidden, position_bias = checkpoint(step, hidden, self_mask, position_bias, states, cross_mask, use_reentrant=True)
             else:
-                outputs = block(*inputs, past_key_values=cache, **extra)
-            hidden, position_bias, cross_bias = outputs
+                hidden, position_bias = step(hidden, self_mask, position_bias, states, cross_mask)
         hidden = self.decoder.final_layer_norm(hidden)
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model**-0.5)
         return hidden
+
+    @staticmethod
+    def _block(
+        block: torch.nn.Module,
+        hidden: torch.Tensor,
+        self_mask: torch.Tensor,
+        position_bias: torch.Tensor | None,
+        states: torch.Tensor,
+        cross_mask: torch.Tensor,
+        cache: EncoderDecoderCache | None = None,
+        **extra: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One T5 decoder block (``T5Block.forward`` without its fp16 clamps) whose cross-attention
+        receives the mask POSITIONALLY: ZeRO-3 releases a module's gathered parameters after
+        backward only through its positional inputs that require grad, and in block 0 the
+        log-mask bias is the only one. Returns the new states and the self-attention position bias."""
+        hidden, position_bias, _ = block.layer[0](hidden, self_mask, position_bias, cache)
+        cross = block.layer[1]
+        attended, _, _ = cross.EncDecAttention(cross.layer_norm(hidden), cross_mask, states, None, cache, **extra)
+        hidden = hidden + cross.dropout(attended)
+        return block.layer[2](hidden), position_bias
 
     def _rows(
         self, contexts: EncodedContexts, doc_log_mask: torch.Tensor | None, tensors: dict[str, torch.Tensor | None]
