@@ -285,3 +285,40 @@ def test_grerank_train_runs_two_process_zero3_with_fid(tmp_path):
         assert rank["generator_partitioned"] and not rank["generator_requires_grad"]
         assert rank["generator_max_abs_change"] == 0.0
         assert rank["grad_abs_max"] > 0 and rank["sharded_vs_unsharded_grad_max_diff"] < 1e-6 * max(1.0, rank["grad_abs_max"])
+
+
+def test_grerank_eval_generator_setting_runs_with_a_fid_checkpoint(tmp_path):
+    """`grerank eval --setting generator` with `configs/tiny_fid_cpu.yaml` and a saved tiny FiD:
+    the retriever's answers are those FiD gives from the retriever's top-k documents alone
+    (a smoke test of the wiring: the random model's answers barely vary; the hard-mask
+    equivalence itself is tested above)."""
+    from test_train import ROOT, check, run_cli
+    from toy import toy_records, write_jsonl
+
+    from grerank_dist.data import Collator
+    from grerank_dist.models.fid import random_tiny_fid
+    from grerank_dist.train import record_texts
+
+    config_file = ROOT / "configs" / "tiny_fid_cpu.yaml"
+    records = toy_records(4, 6, seed=5)
+    data = write_jsonl(tmp_path / "test.jsonl", records)
+    config = load_config(config_file, [f"generator.path={tmp_path / 'fid'}", "relax.k=2", "generator.max_new_tokens=4"])
+    model, tokenizer = random_tiny_fid(record_texts(records, config), seed=1)
+    model.save_pretrained(tmp_path / "fid")
+    tokenizer.save_pretrained(tmp_path / "fid")
+    out = tmp_path / "eval"
+    check(run_cli(["-m", "grerank_dist.cli", "eval", "--config", str(config_file), "--setting", "generator",
+                   "--data", str(data), "--out", str(out), "--k", "2", f"generator.path={tmp_path / 'fid'}",
+                   "relax.k=2", "generator.max_new_tokens=4", "train.micro_batch_size=2"]))
+    predictions = sorted((json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()),
+                         key=lambda q: q["index"])
+    assert len(predictions) == 4
+    loaded, tokenizer = load_generator(str(tmp_path / "fid"))
+    for record, prediction in zip(records, predictions):
+        retriever = prediction["methods"]["retriever"]
+        by_id = {str(ctx.get("id", i)): ctx for i, ctx in enumerate(record["ctxs"])}
+        kept = [by_id[doc_id] for doc_id in retriever["ranking"][:2]]
+        alone = Collator(config.data, tokenizer, None, 0)([{**record, "ctxs": kept}], [0])
+        contexts = loaded.encode_contexts(alone.encoder_input_ids, alone.encoder_attention_mask)
+        tokens = loaded.generate(contexts, alone.prompt_ids, alone.prompt_attention_mask, None, 4)
+        assert retriever["prediction"] == tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
