@@ -254,7 +254,8 @@ class Collator:
 
     The generator's :class:`InputFormat` (``model.input_format``) decides the templates and
     where BOS goes. Without one, tokenisation follows the public CEPE evaluation: documents as
-    ``Document (Title: {title}): {text}`` without BOS, truncated and left-padded to
+    ``Document (Title: {title}): {text}`` without BOS (the template may also use ``{question}``,
+    as FiD's ``question: {question} title: {title} context: {text}`` does), truncated and left-padded to
     ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
     the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
     answer has after "Answer:"). Reranker pairs are (question, passage) truncated like the usual

@@ -22,23 +22,28 @@ def split_words(text: str) -> list[str]:
 
 
 def build_word_tokenizer(
-    texts: Iterable[str], style: Literal["decoder", "cross-encoder"]
+    texts: Iterable[str], style: Literal["decoder", "cross-encoder", "seq2seq"]
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over every word of ``texts``.
 
     ``decoder``: Llama-like special tokens (<unk>, <s>, </s>, <pad>), BOS added by the caller's
     prompt template, not by the tokenizer (the generator code decides where BOS goes).
+    ``seq2seq``: T5-like (<pad> = 0, </s> = 1, <unk> = 2) with no BOS: the decoder of an
+    encoder-decoder starts from its ``decoder_start_token_id`` (T5: the pad token) instead.
     ``cross-encoder``: BERT-like ([PAD], [UNK], [CLS], [SEP], [MASK]) with the pair template
     ``[CLS] A [SEP] B [SEP]`` and token type ids, as cross-encoders expect.
     """
     if style == "decoder":
         specials = ["<unk>", "<s>", "</s>", "<pad>"]
         unk = "<unk>"
+    elif style == "seq2seq":
+        specials = ["<pad>", "</s>", "<unk>"]
+        unk = "<unk>"
     elif style == "cross-encoder":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         unk = "[UNK]"
     else:
-        raise ValueError(f"style must be 'decoder' or 'cross-encoder', got {style!r}")
+        raise ValueError(f"style must be 'decoder', 'cross-encoder' or 'seq2seq', got {style!r}")
     words = sorted({w for text in texts for w in split_words(text)} - set(specials))
     vocab = {token: i for i, token in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
@@ -52,6 +57,10 @@ def build_word_tokenizer(
             eos_token="</s>",
             pad_token="<pad>",
             padding_side="left",
+        )
+    if style == "seq2seq":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="<pad>", padding_side="right"
         )
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

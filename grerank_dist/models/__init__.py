@@ -20,7 +20,7 @@ from grerank_dist.generator import GeneratorFamily
 
 RANDOM_PREFIX = "random:"
 # Tried in order: the first family that accepts a checkpoint's config.json loads it.
-FAMILY_MODULES: tuple[str, ...] = ("grerank_dist.models.cepe", "grerank_dist.models.decoder_only")
+FAMILY_MODULES: tuple[str, ...] = ("grerank_dist.models.cepe", "grerank_dist.models.fid", "grerank_dist.models.decoder_only")
 
 
 def generator_families() -> list[GeneratorFamily]:
@@ -51,8 +51,8 @@ def load_generator(
 
     ``random:<size>`` builds a random-init tiny model whose word-level vocabulary covers
     ``vocab_texts`` (smoke runs and tests; every rank builds the same weights from ``seed``):
-    ``random:tiny`` is CEPE, ``random:tiny-llama`` (``-qwen2``, ``-qwen3``, ``-mistral``,
-    ``-gemma``) a decoder-only LM. A directory is dispatched on its ``config.json`` and loaded
+    ``random:tiny`` is CEPE, ``random:tiny-fid`` FiD (T5), ``random:tiny-llama`` (``-qwen2``,
+    ``-qwen3``, ``-mistral``, ``-gemma``) a decoder-only LM. A directory is dispatched on its ``config.json`` and loaded
     in ``dtype`` (inside :meth:`DeepSpeedStrategy.generator_loading`, partitioned as it loads).
     ``data`` (a :class:`grerank_dist.config.DataConfig`, default: its defaults) gives the templates.
     """
@@ -75,7 +75,7 @@ def load_generator(
             raise ValueError(
                 f"{Path(path) / 'config.json'}: model_type {raw.get('model_type')!r} is not a supported generator "
                 f"(families: {', '.join(f.name for f in families)}; CEPE needs model_type 'cepe_llama' or "
-                f"'num_cross_attn_layers', decoder-only LMs one of llama, qwen2, qwen3, mistral, gemma)"
+                f"'num_cross_attn_layers', FiD model_type 't5', decoder-only LMs one of llama, qwen2, qwen3, mistral, gemma)"
             )
         model, tokenizer = family.load(path, dtype, data)
     model.requires_grad_(False)

@@ -60,6 +60,7 @@ __all__ = [
     "cepe_7b_config",
     "check_checkpoint_weights",
     "convert_bin_to_safetensors",
+    "decoder_rows",
     "expected_weight_shapes",
     "load_cepe_config",
     "tiny_cepe_config",
@@ -323,7 +324,7 @@ class CepeCrossAttention(nn.Module):
         queries = queries.view(rows, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         attended = masked_attention(
             queries, keys, values, key_bias, backend=self.config.cross_attn_backend, scale=self.head_dim**-0.5,
-            check_bias=False,  # checked once per forward in _decoder_rows
+            check_bias=False,  # checked once per forward in decoder_rows
         )
         return self.o_proj(attended.transpose(1, 2).reshape(rows, seq_len, self.num_heads * self.head_dim))
 
@@ -769,44 +770,6 @@ class CepeForCausalContextLM(PreTrainedModel):
 
     # --- decoder ------------------------------------------------------------------------------
 
-    def _decoder_rows(
-        self,
-        contexts: EncodedContexts | None,
-        doc_log_mask: torch.Tensor | None,
-        tensors: dict[str, torch.Tensor | None],
-    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, int]:
-        """Check shapes; return the per-row decoder inputs, the per-key bias [R, n*L] and m."""
-        input_ids = tensors["input_ids"]
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
-        masks_per_query = 1
-        if contexts is None:
-            if doc_log_mask is not None:
-                raise ValueError("doc_log_mask was given without documents (contexts or encoder_input_ids)")
-            return tensors, None, masks_per_query
-        batch, n_docs = contexts.key_padding.shape[:2]
-        if doc_log_mask is None:
-            doc_log_mask = torch.zeros(batch, n_docs, device=contexts.key_padding.device)
-        if doc_log_mask.dim() == 3:
-            masks_per_query = doc_log_mask.shape[1]
-        expected = (batch, n_docs) if doc_log_mask.dim() == 2 else (batch, masks_per_query, n_docs)
-        if tuple(doc_log_mask.shape) != expected:
-            raise ValueError(
-                f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
-                f"got {list(doc_log_mask.shape)}"
-            )
-        rows = batch * masks_per_query
-        if input_ids.shape[0] == batch and masks_per_query > 1:
-            tensors = {k: None if v is None else v.repeat_interleave(masks_per_query, dim=0) for k, v in tensors.items()}
-        elif input_ids.shape[0] != rows:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {masks_per_query} mask(s) "
-                f"each it must have {batch} or {rows}"
-            )
-        key_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
-        check_key_bias(key_bias)
-        return tensors, key_bias, masks_per_query
-
     def _final_hidden(
         self,
         contexts: EncodedContexts | None,
@@ -817,7 +780,7 @@ class CepeForCausalContextLM(PreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        rows, key_bias, masks_per_query = self._decoder_rows(
+        rows, key_bias, masks_per_query = decoder_rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         )
         if rows["attention_mask"].shape != rows["input_ids"].shape:
@@ -916,7 +879,7 @@ class CepeForCausalContextLM(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1 for every row")
-        rows, key_bias, masks_per_query = self._decoder_rows(
+        rows, key_bias, masks_per_query = decoder_rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         stop_ids = self._stop_token_ids(stop_token_ids, input_ids.device)
@@ -965,6 +928,48 @@ class CepeForCausalContextLM(PreTrainedModel):
                 source = states[self.model.source_of_layer[idx]]
                 projected.append(layer.cross_attn.project_keys_values(source, rows))
         return projected
+
+
+def decoder_rows(
+    contexts: EncodedContexts | None,
+    doc_log_mask: torch.Tensor | None,
+    tensors: dict[str, torch.Tensor | None],
+) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, int]:
+    """Check shapes; return the per-row decoder inputs, the per-key bias [R, n*L] and m.
+
+    Shared by every generator with a per-document log-mask (CEPE, FiD): with [B, m, n] masks,
+    per-query tensors [B, S] are repeated to the B*m decoder rows (query b's rows consecutive).
+    """
+    input_ids = tensors["input_ids"]
+    if input_ids is None or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+    masks_per_query = 1
+    if contexts is None:
+        if doc_log_mask is not None:
+            raise ValueError("doc_log_mask was given without documents (contexts or encoder_input_ids)")
+        return tensors, None, masks_per_query
+    batch, n_docs = contexts.key_padding.shape[:2]
+    if doc_log_mask is None:
+        doc_log_mask = torch.zeros(batch, n_docs, device=contexts.key_padding.device)
+    if doc_log_mask.dim() == 3:
+        masks_per_query = doc_log_mask.shape[1]
+    expected = (batch, n_docs) if doc_log_mask.dim() == 2 else (batch, masks_per_query, n_docs)
+    if tuple(doc_log_mask.shape) != expected:
+        raise ValueError(
+            f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
+            f"got {list(doc_log_mask.shape)}"
+        )
+    rows = batch * masks_per_query
+    if input_ids.shape[0] == batch and masks_per_query > 1:
+        tensors = {k: None if v is None else v.repeat_interleave(masks_per_query, dim=0) for k, v in tensors.items()}
+    elif input_ids.shape[0] != rows:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {masks_per_query} mask(s) "
+            f"each it must have {batch} or {rows}"
+        )
+    key_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
+    check_key_bias(key_bias)
+    return tensors, key_bias, masks_per_query
 
 
 def _all_ranks_done(finished: torch.Tensor) -> bool:
