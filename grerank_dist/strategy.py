@@ -356,14 +356,19 @@ class DeepSpeedStrategy:
         engine = self.reranker_engine
         if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
             return None
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
         from deepspeed.utils import safe_get_full_fp32_param
         from torch._utils import _unflatten_dense_tensors
 
         optimizer = engine.optimizer
-        replicated: dict[torch.nn.Parameter, torch.Tensor] = {}
-        if hasattr(optimizer, "fp32_groups_flat"):  # stage 0: FP16_Optimizer, for fp16 and bf16
+        replicated: dict[torch.nn.Parameter, torch.Tensor] = {}  # stage 0, for fp16 and bf16 alike
+        if isinstance(optimizer, FP16_Optimizer):  # a fused optimizer: one flat fp32 tensor per group
             for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
                 replicated.update(zip(group, _unflatten_dense_tensors(flat, group)))
+        elif isinstance(optimizer, FP16_UnfusedOptimizer):  # torch optimizers: one fp32 tensor per parameter
+            for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+                replicated.update(zip(group, masters))
         masters = {}
         for name, param in engine.module.named_parameters():
             if param in replicated:

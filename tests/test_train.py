@@ -77,18 +77,35 @@ def assert_export_matches_checkpoint(export_dir: Path, step_dir: Path) -> None:
         assert torch.equal(exported(**pairs).logits, reference(**pairs).logits)
 
 
+# The trainer, sending itself Slurm's SIGUSR1 warning during its third step.
+SIGNAL_AT_STEP_3 = """
+import os, signal, sys
+from grerank_dist import train as recipe
+inner, calls = recipe.training_step, []
+def signalling(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return inner(*args, **kwargs)
+recipe.training_step = signalling
+parser = recipe.argparse.ArgumentParser()
+recipe.configure_parser(parser)
+sys.exit(recipe.run(parser.parse_args(sys.argv[1:])))
+"""
+
+
 def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
-    """Stop after step 3 (checkpoints at steps 2 and 3): the stopped run leaves no final export
-    and says how to resume. Then step_3 is lost (`latest` dangles): --resume auto falls back to
-    step_2, drops step 3 from the metrics, and ends with the weights of an uninterrupted 6-step
-    run, each step logged once with its windowed throughput and data time."""
+    """SIGUSR1 during step 3 (checkpoints at steps 2 and 3): the stopped run leaves no final
+    export and says how to resume. Then step_3 is lost (`latest` dangles): --resume auto falls
+    back to step_2, drops step 3 from the metrics, and ends with the weights of an uninterrupted
+    6-step run, each step logged once with its windowed throughput and data time."""
     steps = ["train.max_steps=6", "train.save_every=2"]
     check(run_cli(train_args(tmp_path / "whole", toy_data, *steps)))
-    stopped = check(run_cli(train_args(tmp_path / "split", toy_data, *steps, "train.stop_at_step=3")))
+    stopped = check(run_cli(["-c", SIGNAL_AT_STEP_3, *train_args(tmp_path / "split", toy_data, *steps)[2:]]))
     ckpt = tmp_path / "split" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_3"
     assert not (tmp_path / "split" / "reranker").exists() and (ckpt / "step_3" / "reranker" / "config.json").is_file()
-    assert "stopped early at step 3 of 6" in stopped.stdout and "--resume auto" in stopped.stdout
+    assert "stopped early at step 3 of 6 (on a stop signal)" in stopped.stdout and "--resume auto" in stopped.stdout
     shutil.rmtree(ckpt / "step_3")
     resumed = check(run_cli(train_args(tmp_path / "split", toy_data, *steps, "--resume", "auto")))
     assert f"{ckpt / 'step_3'} is missing" in resumed.stdout
@@ -175,25 +192,44 @@ def test_launchers_run_two_process_training(tmp_path, toy_data, launcher):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_2"
 
 
-def test_bf16_reranker_exports_its_fp32_master_weights(tmp_path, toy_data):
-    """Two ranks, a bf16 reranker engine under ZeRO-1 (each rank holds half of the fp32 master
-    weights): the run's export, the checkpoint's and `grerank export`'s are fp32 and equal the
-    masters that DeepSpeed's zero_to_fp32 rebuilds from the checkpoint's optimizer partitions,
-    not the bf16 module weights."""
+def fp32_masters_on_disk(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 master weights as a checkpoint stores them: ZeRO partitions of all
+    ranks joined by DeepSpeed's zero_to_fp32, or (stage 0) the replicated fp32 groups, which
+    follow the module's parameter order."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if any(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    states = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)
+    masters = [t for group in states["optimizer"]["fp32_groups"] for t in group]
+    assert len(masters) == len(states["module"])
+    return dict(zip(states["module"], masters))
+
+
+@pytest.mark.parametrize("stage,ranks", [(1, 2), (0, 1)], ids=["zero1-2ranks", "zero0-1rank"])
+def test_bf16_reranker_exports_its_fp32_master_weights(tmp_path, toy_data, stage, ranks):
+    """A bf16 reranker engine (ZeRO-1 over two ranks, each holding half of the fp32 master
+    weights; or stage 0): the run's export and the checkpoint's (and under ZeRO `grerank
+    export`'s) are fp32 and equal the optimizer's fp32 masters stored in the checkpoint, which
+    carry more precision than the bf16 module weights."""
     from grerank_dist.export import export_checkpoint
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    check(run_cli(train_args(tmp_path, toy_data, "train.max_steps=3", "reranker.dtype=bfloat16"), launcher=torchrun))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    check(run_cli(train_args(tmp_path, toy_data, "train.max_steps=3", "reranker.dtype=bfloat16",
+                             f"deepspeed.reranker_overrides={{zero_optimization: {{stage: {stage}}}}}"), launcher=launcher))
     step_dir = tmp_path / "checkpoints" / "step_3"
-    masters = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    masters = fp32_masters_on_disk(step_dir)
     module = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
     assert {t.dtype for t in module.values()} == {torch.bfloat16}
     # The masters carry more precision than their bf16 copies (else the test could not fail).
     assert any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())
-    cli_export = export_checkpoint(step_dir, tmp_path / "cli_export")
-    for export_dir in (tmp_path / "reranker", step_dir / "reranker", cli_export):
+    exports = [tmp_path / "reranker", step_dir / "reranker"]
+    if stage:
+        exports.append(export_checkpoint(step_dir, tmp_path / "cli_export"))
+    else:
+        with pytest.raises(ValueError, match="use the reranker/ export saved inside the checkpoint"):
+            export_checkpoint(step_dir, tmp_path / "cli_export")
+    for export_dir in exports:
         exported = load_file(export_dir / "model.safetensors")
         assert exported.keys() == masters.keys(), export_dir
         for name, master in masters.items():
