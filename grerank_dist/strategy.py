@@ -350,34 +350,28 @@ class DeepSpeedStrategy:
     def reranker_master_weights(self) -> dict[str, torch.Tensor] | None:
         """The reranker's fp32 master weights by parameter name, where the engine trains a
         lower-precision copy (bf16/fp16): the optimizer's fp32 partitions, gathered over the
-        data-parallel ranks (ZeRO 1/2, and the bf16 optimizer) or unflattened from the
-        replicated fp32 groups (stage 0). None where the module's weights are the masters.
+        data-parallel ranks (ZeRO 1/2, and the bf16 optimizer), or its replicated fp32 copies
+        (stage 0). None where the module's weights are the masters.
         Collective under ZeRO 1/2: every rank calls it."""
         engine = self.reranker_engine
         if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
             return None
-        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
         from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
         from deepspeed.utils import safe_get_full_fp32_param
-        from torch._utils import _unflatten_dense_tensors
 
         optimizer = engine.optimizer
-        replicated: dict[torch.nn.Parameter, torch.Tensor] = {}  # stage 0, for fp16 and bf16 alike
-        if isinstance(optimizer, FP16_Optimizer):  # a fused optimizer: one flat fp32 tensor per group
-            for group, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
-                replicated.update(zip(group, _unflatten_dense_tensors(flat, group)))
-        elif isinstance(optimizer, FP16_UnfusedOptimizer):  # torch optimizers: one fp32 tensor per parameter
+        replicated: dict[torch.nn.Parameter, torch.Tensor] = {}
+        if isinstance(optimizer, FP16_UnfusedOptimizer):  # stage 0 with the recipe's torch AdamW
             for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
                 replicated.update(zip(group, masters))
         masters = {}
         for name, param in engine.module.named_parameters():
-            if param in replicated:
-                masters[name] = replicated[param].detach().clone()
-            elif param.requires_grad:
-                full = safe_get_full_fp32_param(param)
-                if full is None:
-                    raise RuntimeError(f"reranker parameter {name}: the optimizer holds no fp32 master copy of it")
-                masters[name] = full.detach().cpu()
+            if not param.requires_grad:  # frozen (LoRA's base): no master copy, exported as it is
+                continue
+            full = replicated[param] if param in replicated else safe_get_full_fp32_param(param)
+            if full is None:
+                raise RuntimeError(f"reranker parameter {name}: the optimizer holds no fp32 master copy of it")
+            masters[name] = full.detach().cpu()
         return masters
 
     def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
