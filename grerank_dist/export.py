@@ -18,9 +18,7 @@ import torch
 
 from grerank_dist.config import LoraConfig
 from grerank_dist.reranker import export_reranker, load_reranker
-from grerank_dist.strategy import LATEST
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
+from grerank_dist.strategy import LATEST, MODEL_STATES
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -44,12 +42,28 @@ def _default_base(step_dir: Path) -> Path:
     )
 
 
+def _fp32_masters(step_dir: Path) -> dict[str, torch.Tensor]:
+    """A bf16/fp16 engine's module states are the rounded copy: rebuild the fp32 master weights
+    from the optimizer partitions of all ranks (DeepSpeed's zero_to_fp32, ZeRO stages 1-3)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not any(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        raise ValueError(
+            f"{step_dir}: the module states are bf16/fp16 and the fp32 master weights are not in ZeRO "
+            "optimizer partitions (a stage-0 run): use the reranker/ export saved inside the checkpoint"
+        )
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {name: tensor.float() for name, tensor in masters.items()}
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
     """Write the reranker held by a DeepSpeed checkpoint to ``out_dir`` (safetensors)."""
     step_dir = _resolve_checkpoint(Path(checkpoint))
     base_dir = Path(base) if base else _default_base(step_dir)
     states = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)
     module_state = states["module"]
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in module_state.values()):
+        module_state.update(_fp32_masters(step_dir))
     lora = None
     if any(key.startswith("base_model.model.") for key in module_state):
         run_config = json.loads((base_dir / "grerank_training_config.json").read_text())

@@ -8,6 +8,7 @@ FlagEmbedding's ``FlagReranker`` load it as they load any public reranker.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -72,13 +73,18 @@ def reranker_scores(model: torch.nn.Module, inputs: dict[str, torch.Tensor], num
     return logits.view(-1, num_candidates).float()
 
 
-def _unwrapped_for_export(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain transformers model to save: LoRA adapters are merged into a copy."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    return model
+def _unwrapped_for_export(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The plain transformers model to save: a copy in fp32 holding ``weights`` (the fp32
+    masters of a lower-precision engine) where given; LoRA adapters merged into a copy."""
+    if weights is None and not hasattr(model, "merge_and_unload"):
+        return model
+    plain = copy.deepcopy(model)
+    if weights is not None:
+        plain = plain.float()
+        _, unexpected = plain.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"export weights name no parameter of the reranker: {sorted(unexpected)[:5]}")
+    return plain.merge_and_unload() if hasattr(plain, "merge_and_unload") else plain
 
 
 def export_reranker(
@@ -86,8 +92,12 @@ def export_reranker(
     tokenizer: Any,
     out_dir: str | Path,
     training_config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a loadable reranker directory atomically (built in a temp dir, then renamed).
+
+    ``weights`` (by parameter name) replace the model's own in the export, which is then fp32:
+    a bf16 engine passes its fp32 master weights, so the export is not the bf16-rounded copy.
 
     The result holds ``model.safetensors``, ``config.json`` (num_labels=1), the tokenizer and
     ``grerank_training_config.json``; an existing directory is replaced only once the new one is
@@ -97,7 +107,7 @@ def export_reranker(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        plain = _unwrapped_for_export(model)
+        plain = _unwrapped_for_export(model, weights)
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if training_config is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -30,6 +31,22 @@ import torch.distributed as dist  # noqa: E402
 from grerank_dist.config import ConfigError, TrainConfig, load_json_with_overrides, resolve_path  # noqa: E402
 
 LATEST = "latest"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module states file in every checkpoint
+STEP_DIR = re.compile(r"step_\d+")
+LEFTOVER_DIR = re.compile(r"step_\d+\.(partial|old|tmp)")  # the stages of a save (see save_checkpoint)
+
+
+def is_complete(step_dir: Path) -> bool:
+    """A checkpoint directory DeepSpeed finished writing."""
+    return (Path(step_dir) / MODEL_STATES).is_file()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a checkpoint file (no data copied); copy it where the file system cannot."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _free_port() -> int:
@@ -226,51 +243,136 @@ class DeepSpeedStrategy:
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: Path, step: int, client_state: dict[str, Any], export_fn: Any = None) -> Path:
-        """Write the full training state for ``step`` atomically and point ``latest`` at it.
+        """Write the full training state for ``step`` and point ``latest`` at it, such that
+        ``latest`` names a complete checkpoint at every instant and no complete one is deleted
+        before its successor is in place.
 
-        Every rank writes into ``step_N.partial``; rank 0 adds the exported reranker
-        (``export_fn(dir)``), renames the directory to ``step_N`` and then replaces ``latest``
-        (a temp file + rename), so a crash at any point leaves the previous checkpoint current.
+        Every rank writes into ``step_N.partial``; every rank calls ``export_fn(dir)`` (it may
+        gather weights; rank 0 writes the reranker into the checkpoint). Rank 0 then renames
+        the directory to ``step_N`` and replaces ``latest`` (a temp file + rename). Saving a
+        step that already exists (a run resumed from an earlier checkpoint reaches it again)
+        takes more care, since ``latest`` may name the old ``step_N``: ``latest`` first names
+        the complete ``step_N.partial``, the old directory moves aside to ``step_N.old``, a
+        hard-linked copy of the new one is renamed to ``step_N``, ``latest`` names it, and only
+        then are the old and the partial directories deleted.
         """
         ckpt_dir = Path(ckpt_dir)
         tag = f"step_{step}"
-        partial = f"{tag}.partial"
+        partial = ckpt_dir / f"{tag}.partial"
         if self.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+            for leftover in (f"{tag}.old", f"{tag}.tmp"):  # of a crash mid-save; `latest` never names them
+                shutil.rmtree(ckpt_dir / leftover, ignore_errors=True)
+            if self._pointer(ckpt_dir) == partial.name:  # a crash left `latest` there: finish that save
+                self._install(ckpt_dir, tag)
+            shutil.rmtree(partial, ignore_errors=True)
         self.barrier()
-        self.reranker_engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+        self.reranker_engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
         self.barrier()
+        if export_fn is not None:
+            export_fn(partial / "reranker")
         if self.is_main:
-            if export_fn is not None:
-                export_fn(ckpt_dir / partial / "reranker")
-            final = ckpt_dir / tag
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(ckpt_dir / partial, final)
-            tmp = ckpt_dir / f".{LATEST}.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, ckpt_dir / LATEST)
+            self._install(ckpt_dir, tag)
             self._prune(ckpt_dir, keep=self.config.train.keep_last)
         self.barrier()
         return ckpt_dir / tag
 
-    @staticmethod
-    def _prune(ckpt_dir: Path, keep: int) -> None:
-        steps = sorted(
-            (p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")),
-            key=lambda p: int(p.name.split("_")[1]),
-        )
-        for old in steps[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _install(self, ckpt_dir: Path, tag: str) -> None:
+        """Give the complete ``tag.partial`` checkpoint its final name and point ``latest`` at it
+        (see ``save_checkpoint``); a plain rename where nothing is in the way."""
+        partial, aside, linked, final = (ckpt_dir / f"{tag}{suffix}" for suffix in (".partial", ".old", ".tmp", ""))
+        if not final.exists() and self._pointer(ckpt_dir) != partial.name:
+            os.replace(partial, final)
+        else:
+            self._point_latest(ckpt_dir, partial.name)
+            if final.exists():
+                os.replace(final, aside)
+            shutil.copytree(partial, linked, copy_function=_link_or_copy)
+            os.replace(linked, final)
+        self._point_latest(ckpt_dir, tag)
+        for done in (aside, partial):
+            shutil.rmtree(done, ignore_errors=True)
 
     @staticmethod
-    def latest_tag(ckpt_dir: Path) -> str | None:
+    def _point_latest(ckpt_dir: Path, tag: str) -> None:
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / LATEST)
+
+    @staticmethod
+    def _pointer(ckpt_dir: Path) -> str | None:
         pointer = Path(ckpt_dir) / LATEST
-        if not pointer.is_file():
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    @staticmethod
+    def _complete_steps(ckpt_dir: Path) -> list[Path]:
+        """The ``step_N`` directories holding a checkpoint, oldest first."""
+        steps = [p for p in Path(ckpt_dir).glob("step_*") if STEP_DIR.fullmatch(p.name) and is_complete(p)]
+        return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
+
+    @classmethod
+    def _prune(cls, ckpt_dir: Path, keep: int) -> None:
+        """Delete all but the newest ``keep`` checkpoints and what crashed saves left behind,
+        never the one ``latest`` names."""
+        current = cls._pointer(ckpt_dir)
+        leftovers = [p for p in Path(ckpt_dir).glob("step_*") if LEFTOVER_DIR.fullmatch(p.name)]
+        for old in cls._complete_steps(ckpt_dir)[:-keep] + leftovers:
+            if old.name != current:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume_tag(self, ckpt_dir: Path) -> str | None:
+        """The checkpoint ``--resume auto`` continues from: the one ``latest`` names, else (it
+        names a missing or incomplete directory) the newest complete ``step_N``, said in the
+        log. None only where no checkpoint was ever written; an error where ``latest`` exists
+        but no complete checkpoint does (starting over would overwrite the run)."""
+        ckpt_dir = Path(ckpt_dir)
+        current = self._pointer(ckpt_dir)
+        if current is not None and is_complete(ckpt_dir / current):
+            return current
+        steps = self._complete_steps(ckpt_dir)
+        if current is None and not steps:
             return None
-        tag = pointer.read_text().strip()
-        return tag if (Path(ckpt_dir) / tag).is_dir() else None
+        if current is None:
+            problem = f"{ckpt_dir / LATEST} is missing"
+        else:
+            target = ckpt_dir / current
+            state = "is missing" if not target.exists() else f"is incomplete (no {MODEL_STATES})"
+            problem = f"{ckpt_dir / LATEST} names {target}, but {target} {state}"
+        if not steps:
+            raise FileNotFoundError(
+                f"{problem}, and {ckpt_dir} holds no other complete checkpoint: restore it, or pass "
+                "--resume none to start over (this overwrites the run's checkpoints)"
+            )
+        if self.is_main:
+            print(f"{problem}; resuming from the newest complete checkpoint {steps[-1]}", flush=True)
+        return steps[-1].name
+
+    def reranker_master_weights(self) -> dict[str, torch.Tensor] | None:
+        """The reranker's fp32 master weights by parameter name, where the engine trains a
+        lower-precision copy (bf16/fp16): the optimizer's fp32 partitions, gathered over the
+        data-parallel ranks (ZeRO 1/2, and the bf16 optimizer), or its replicated fp32 copies
+        (stage 0). None where the module's weights are the masters.
+        Collective under ZeRO 1/2: every rank calls it."""
+        engine = self.reranker_engine
+        if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+            return None
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        optimizer = engine.optimizer
+        replicated: dict[torch.nn.Parameter, torch.Tensor] = {}
+        if isinstance(optimizer, FP16_UnfusedOptimizer):  # stage 0 with the recipe's torch AdamW
+            for group, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+                replicated.update(zip(group, masters))
+        masters = {}
+        for name, param in engine.module.named_parameters():
+            if not param.requires_grad:  # frozen (LoRA's base): no master copy, exported as it is
+                continue
+            full = replicated[param] if param in replicated else safe_get_full_fp32_param(param)
+            if full is None:
+                raise RuntimeError(f"reranker parameter {name}: the optimizer holds no fp32 master copy of it")
+            masters[name] = full.detach().cpu()
+        return masters
 
     def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         path, client_state = self.reranker_engine.load_checkpoint(

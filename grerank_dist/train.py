@@ -28,7 +28,7 @@ from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, Objec
 from grerank_dist.relax import noise_generator
 from grerank_dist.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
 from grerank_dist.strategy import DeepSpeedStrategy
-from grerank_dist.tracking import MetricsLogger
+from grerank_dist.tracking import MetricsLogger, ThroughputWindow
 
 
 class StopSignal:
@@ -176,10 +176,13 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     accum = config.train.gradient_accumulation_steps
 
     def export(target: Path) -> None:
-        export_reranker(reranker.module, rr_tokenizer, target, training_config=config.to_dict())
+        """Every rank calls it (a bf16/fp16 engine's fp32 masters are gathered); rank 0 writes."""
+        weights = strategy.reranker_master_weights()
+        if strategy.is_main:
+            export_reranker(reranker.module, rr_tokenizer, target, training_config=config.to_dict(), weights=weights)
 
     start_step, loss = 0, float("nan")
-    tag = strategy.latest_tag(ckpt_dir) if resume == "auto" else (None if resume == "none" else resume)
+    tag = strategy.resume_tag(ckpt_dir) if resume == "auto" else (None if resume == "none" else resume)
     if tag is not None:
         state = strategy.load_checkpoint(ckpt_dir, Path(tag).name)
         start_step = int(state["step"])
@@ -187,35 +190,43 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
             print(f"resumed from {ckpt_dir / Path(tag).name} at step {start_step}", flush=True)
     strategy.write_json(out_dir / "train_config.json", config.to_dict())
 
-    logger = MetricsLogger(out_dir, enabled=strategy.is_main)
+    # Records past the resumed step are logged again below: the logger drops the earlier ones.
+    logger = MetricsLogger(out_dir, enabled=strategy.is_main, resume_step=start_step)
+    throughput = ThroughputWindow()
+    queries = config.train.micro_batch_size * accum * strategy.world_size  # per optimizer step
     bar = tqdm(total=config.train.max_steps, initial=start_step, disable=not strategy.is_main, desc="train")
     reranker.train()
     # A preempted job (SIGTERM, or Slurm's SIGUSR1 warning) finishes its step, checkpoints, exits.
     stop_signal = StopSignal()
     last_step = min(config.train.stop_at_step or config.train.max_steps, config.train.max_steps)
+    done, signalled = start_step, False
     for step in range(start_step, last_step):
-        started = time.perf_counter()
         lr = strategy.learning_rate()  # the rate this step's update uses
         losses, max_weights, max_masks = [], [], []
+        data_time = compute_time = 0.0
         for micro in range(accum):
             micro_step = step * accum + micro
             # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
             torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
             noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
+            started = time.perf_counter()
             ids = schedule.indices(micro_step)
             batch = collate([records[i] for i in ids], ids, epoch=schedule.epoch_of(micro_step)).to(strategy.device)
+            batched = time.perf_counter()
             out = training_step(strategy, reranker, generator, batch, config, noise)
             losses.append(out.loss.detach())
             max_weights.append(out.mean_max_weight)
             max_masks.append(out.mean_max_mask)
-        elapsed = time.perf_counter() - started
+            data_time += batched - started
+            compute_time += time.perf_counter() - batched
+        throughput.add_step(queries, data_time, compute_time)
         done = step + 1
         bar.update(1)
-        stopping = done == last_step or strategy.any_rank(stop_signal.received)
+        signalled = strategy.any_rank(stop_signal.received)
+        stopping = done == last_step or signalled
         if done % config.train.log_every == 0 or stopping:
             loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
             max_weight = strategy.all_reduce_mean(torch.stack(max_weights).mean()).item()
-            queries = config.train.micro_batch_size * accum * strategy.world_size
             logger.log(
                 done,
                 {
@@ -224,8 +235,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
                     "grad_norm": strategy.grad_norm(),
                     "mean_max_weight": max_weight,
                     "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
-                    "queries_per_s": queries / elapsed,
-                    "step_time_s": elapsed,
+                    **throughput.summary(),  # queries_per_s over the window, data_time_s, step_time_s
                 },
             )
             bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
@@ -237,9 +247,22 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     bar.close()
     logger.close()
 
+    if done < config.train.max_steps:
+        # Stopped early (a signal or train.stop_at_step): OUTPUT/reranker is kept for a finished
+        # run; the checkpoint just written holds this run's reranker so far.
+        checkpoint = ckpt_dir / f"step_{done}"
+        if strategy.is_main:
+            reason = "on a stop signal" if signalled else f"at train.stop_at_step={config.train.stop_at_step}"
+            print(
+                f"stopped early at step {done} of {config.train.max_steps} ({reason}); the reranker so far is in "
+                f"{checkpoint / 'reranker'}. To continue, run the same command with --resume auto",
+                flush=True,
+            )
+        strategy.barrier()
+        return TrainResult(checkpoint / "reranker", strategy, reranker.module, generator, loss)
     final = out_dir / "reranker"
+    export(final)
     if strategy.is_main:
-        export(final)
         print(f"exported reranker to {final}", flush=True)
     strategy.barrier()
     return TrainResult(final, strategy, reranker.module, generator, loss)

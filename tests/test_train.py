@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,21 +77,48 @@ def assert_export_matches_checkpoint(export_dir: Path, step_dir: Path) -> None:
         assert torch.equal(exported(**pairs).logits, reference(**pairs).logits)
 
 
+# The trainer, sending itself Slurm's SIGUSR1 warning during its third step.
+SIGNAL_AT_STEP_3 = """
+import os, signal, sys
+from grerank_dist import train as recipe
+inner, calls = recipe.training_step, []
+def signalling(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return inner(*args, **kwargs)
+recipe.training_step = signalling
+parser = recipe.argparse.ArgumentParser()
+recipe.configure_parser(parser)
+sys.exit(recipe.run(parser.parse_args(sys.argv[1:])))
+"""
+
+
 def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
-    """Stop after step 3 (a checkpoint is written), resume with --resume auto: the final reranker
-    equals the one of an uninterrupted 6-step run."""
-    steps = ["train.max_steps=6", "train.save_every=0"]
+    """SIGUSR1 during step 3 (checkpoints at steps 2 and 3): the stopped run leaves no final
+    export and says how to resume. Then step_3 is lost (`latest` dangles): --resume auto falls
+    back to step_2, drops step 3 from the metrics, and ends with the weights of an uninterrupted
+    6-step run, each step logged once with its windowed throughput and data time."""
+    steps = ["train.max_steps=6", "train.save_every=2"]
     check(run_cli(train_args(tmp_path / "whole", toy_data, *steps)))
-    check(run_cli(train_args(tmp_path / "split", toy_data, *steps, "train.stop_at_step=3")))
-    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step_3"
+    stopped = check(run_cli(["-c", SIGNAL_AT_STEP_3, *train_args(tmp_path / "split", toy_data, *steps)[2:]]))
+    ckpt = tmp_path / "split" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_3"
+    assert not (tmp_path / "split" / "reranker").exists() and (ckpt / "step_3" / "reranker" / "config.json").is_file()
+    assert "stopped early at step 3 of 6 (on a stop signal)" in stopped.stdout and "--resume auto" in stopped.stdout
+    shutil.rmtree(ckpt / "step_3")
     resumed = check(run_cli(train_args(tmp_path / "split", toy_data, *steps, "--resume", "auto")))
-    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    assert f"{ckpt / 'step_3'} is missing" in resumed.stdout
+    assert f"resumed from {ckpt / 'step_2'} at step 2" in resumed.stdout
     whole = load_file(tmp_path / "whole" / "reranker" / "model.safetensors")
     split = load_file(tmp_path / "split" / "reranker" / "model.safetensors")
     assert whole.keys() == split.keys()
     for name in whole:
         assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=0), name
-    assert len(losses(tmp_path / "split")) == 6 and losses(tmp_path / "split")[3:] == losses(tmp_path / "whole")[3:]
+    records = read_metrics(tmp_path / "split")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "split")[2:] == losses(tmp_path / "whole")[2:]
+    assert all(r["train/queries_per_s"] > 0 and r["train/data_time_s"] > 0 and r["train/step_time_s"] > 0 for r in records)
 
 
 def test_export_cli_and_reranker_tools(tmp_path, toy_data):
@@ -162,6 +190,50 @@ def test_launchers_run_two_process_training(tmp_path, toy_data, launcher):
     assert len(losses(tmp_path)) == 2
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "reranker").num_labels == 1
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_2"
+
+
+def fp32_masters_on_disk(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 master weights as a checkpoint stores them: ZeRO partitions of all
+    ranks joined by DeepSpeed's zero_to_fp32, or (stage 0) the replicated fp32 groups, which
+    follow the module's parameter order."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    states = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)
+    masters = [t for group in states["optimizer"]["fp32_groups"] for t in group]
+    assert len(masters) == len(states["module"])
+    return dict(zip(states["module"], masters))
+
+
+@pytest.mark.parametrize("stage,ranks", [(1, 2), (0, 1)], ids=["zero1-2ranks", "zero0-1rank"])
+def test_bf16_reranker_exports_its_fp32_master_weights(tmp_path, toy_data, stage, ranks):
+    """A bf16 reranker engine (ZeRO-1 over two ranks, each holding half of the fp32 master
+    weights; or stage 0): the run's export and the checkpoint's (and under ZeRO `grerank
+    export`'s) are fp32 and equal the optimizer's fp32 masters stored in the checkpoint, which
+    carry more precision than the bf16 module weights."""
+    from grerank_dist.export import export_checkpoint
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    check(run_cli(train_args(tmp_path, toy_data, "train.max_steps=3", "reranker.dtype=bfloat16",
+                             f"deepspeed.reranker_overrides={{zero_optimization: {{stage: {stage}}}}}"), launcher=launcher))
+    step_dir = tmp_path / "checkpoints" / "step_3"
+    masters = fp32_masters_on_disk(step_dir)
+    module = torch.load(step_dir / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+    assert {t.dtype for t in module.values()} == {torch.bfloat16}
+    # The masters carry more precision than their bf16 copies (else the test could not fail).
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())
+    exports = [tmp_path / "reranker", step_dir / "reranker"]
+    if stage:
+        exports.append(export_checkpoint(step_dir, tmp_path / "cli_export"))
+    else:
+        with pytest.raises(ValueError, match="use the reranker/ export saved inside the checkpoint"):
+            export_checkpoint(step_dir, tmp_path / "cli_export")
+    for export_dir in exports:
+        exported = load_file(export_dir / "model.safetensors")
+        assert exported.keys() == masters.keys(), export_dir
+        for name, master in masters.items():
+            assert exported[name].dtype == torch.float32 and torch.equal(exported[name], master), (export_dir, name)
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +338,139 @@ def test_two_process_zero3_training_with_a_decoder_only_generator(tmp_path, toy_
     history = losses(tmp_path)
     assert len(history) == 2 and all(math.isfinite(x) and x > 0 for x in history)
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "reranker").num_labels == 1
+
+
+# ----------------------------------------------------------------- checkpoint files, no engine
+class FakeEngine:
+    """Stands in for the reranker engine: a checkpoint is one model-states file naming its content."""
+
+    def __init__(self) -> None:
+        self.content = "new"
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / MODEL_STATES).write_text(self.content)
+
+
+def file_strategy():
+    """A one-process strategy whose engine writes marker files (no process group, no DeepSpeed)."""
+    from grerank_dist.config import load_config
+    from grerank_dist.strategy import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.config, strategy.rank, strategy.world_size = load_config(None, []), 0, 1
+    strategy.reranker_engine = FakeEngine()
+    strategy.barrier = lambda: None
+    return strategy
+
+
+def complete_checkpoint(ckpt_dir: Path, tag: str, content: str) -> None:
+    (ckpt_dir / tag).mkdir(parents=True)
+    (ckpt_dir / tag / MODEL_STATES).write_text(content)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resaving_a_step_never_leaves_latest_without_a_complete_checkpoint(tmp_path, monkeypatch):
+    """Save step_4 again over the current step_4, crashing at each file-system operation in turn:
+    after every crash `latest` names a complete checkpoint holding the old or the new state, and
+    a later save recovers; without a crash `latest` names step_4 with the new state."""
+    import shutil
+
+    from grerank_dist.strategy import LATEST
+
+    real = {"replace": os.replace, "rmtree": shutil.rmtree, "copytree": shutil.copytree}
+    crash_at, calls = [0], [0]
+
+    def faulty(name):
+        def op(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == crash_at[0]:
+                raise Crash(f"crash at {name} #{calls[0]}")
+            return real[name](*args, **kwargs)
+        return op
+
+    crashes = 0
+    for point in range(1, 50):
+        ckpt = tmp_path / f"crash{point}"
+        complete_checkpoint(ckpt, "step_4", "old")
+        (ckpt / LATEST).write_text("step_4")
+        strategy = file_strategy()
+        crash_at[0], calls[0] = point, 0
+        with monkeypatch.context() as patch:
+            for name in real:
+                patch.setattr(os if name == "replace" else shutil, name, faulty(name))
+            try:
+                strategy.save_checkpoint(ckpt, 4, {"step": 4})
+            except Crash:
+                crashes += 1
+            else:
+                assert (ckpt / LATEST).read_text() == "step_4"
+                assert (ckpt / "step_4" / MODEL_STATES).read_text() == "new"
+                assert sorted(p.name for p in ckpt.iterdir()) == [LATEST, "step_4"]
+                break
+        named = ckpt / (ckpt / LATEST).read_text()
+        assert (named / MODEL_STATES).read_text() in ("old", "new"), (point, named)
+        strategy.save_checkpoint(ckpt, 4, {"step": 4})  # the next save recovers from any leftover
+        assert (ckpt / LATEST).read_text() == "step_4" and (ckpt / "step_4" / MODEL_STATES).read_text() == "new"
+    assert crashes >= 3
+
+
+def test_resume_falls_back_from_a_dangling_latest_pointer(tmp_path, capsys):
+    """`latest` names a deleted step_6: resume takes the newest complete checkpoint (step_4, not
+    the incomplete step_5 or the older step_2) and says so; with no complete one it stops."""
+    from grerank_dist.strategy import LATEST
+
+    strategy = file_strategy()
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4, 10):
+        complete_checkpoint(ckpt, f"step_{step}", "x")
+    (ckpt / "step_10" / MODEL_STATES).unlink()  # incomplete: not a candidate
+    (ckpt / LATEST).write_text("step_6")
+    assert strategy.resume_tag(ckpt) == "step_4"
+    assert f"{ckpt / 'step_6'} is missing" in capsys.readouterr().out
+    (ckpt / LATEST).write_text("step_4")
+    assert strategy.resume_tag(ckpt) == "step_4"
+    assert strategy.resume_tag(tmp_path / "fresh") is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / LATEST).write_text("step_6")
+    with pytest.raises(FileNotFoundError, match=str(empty / "step_6")):
+        strategy.resume_tag(empty)
+
+
+def test_metrics_file_keeps_each_step_once_on_resume(tmp_path):
+    """Steps 1-5 were logged but the checkpoint is at step 3: resuming drops 4 and 5 before
+    the resumed run logs them again."""
+    from grerank_dist.tracking import MetricsLogger, read_metrics as read_records
+
+    first = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 6):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, enabled=True, resume_step=3)
+    for step in (4, 5, 6):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    records = read_records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/loss"] for r in records] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0]
+
+
+def test_throughput_is_windowed_and_separates_data_time():
+    """queries_per_s is the queries of every step since the last log over the wall time since
+    then; data and step time are per-step means over the window (hand-computed, fake clock)."""
+    from grerank_dist.tracking import ThroughputWindow
+
+    now = [100.0]
+    window = ThroughputWindow(clock=lambda: now[0])
+    for data_s, step_s in ((0.5, 1.5), (1.0, 2.0)):  # two steps of 8 queries, then a log
+        window.add_step(queries=8, data_time=data_s, step_time=step_s)
+        now[0] += data_s + step_s
+    now[0] += 1.0  # logging and checkpoint time also count toward the wall time
+    assert window.summary() == {"queries_per_s": 16 / 6.0, "data_time_s": 0.75, "step_time_s": 1.75}
+    window.add_step(queries=8, data_time=1.0, step_time=1.0)
+    now[0] += 4.0
+    assert window.summary() == {"queries_per_s": 8 / 4.0, "data_time_s": 1.0, "step_time_s": 1.0}
