@@ -5,6 +5,7 @@
 #   bash scripts/run.sh demo [grerank demo options]   # the embedded end-to-end demo (CPU)
 #   bash scripts/run.sh test [pytest options]         # the test suite on the lock (what CI runs)
 #   bash scripts/run.sh test-latest [pytest options]  # the suite on the newest releases, no lock
+#   bash scripts/run.sh test-floor [pytest options]   # the suite on the ranges' lower bounds
 #   bash scripts/run.sh setup                         # only create/refresh the locked environment
 #   bash scripts/run.sh lock                          # rewrite constraints.txt from .venv-latest
 #
@@ -23,7 +24,8 @@ command="${1:-}"
 case "$command" in
   demo | test | setup) venv="${GRERANK_VENV:-.venv}"; lock=(-c constraints.txt) ;;
   test-latest | lock) venv="${GRERANK_LATEST_VENV:-.venv-latest}"; lock=() ;;
-  *) echo "usage: bash scripts/run.sh demo|test|test-latest|setup|lock [args...]" >&2; exit 2 ;;
+  test-floor) venv="${GRERANK_FLOOR_VENV:-.venv-floor}"; lock=(-c constraints-floor.txt) ;;
+  *) echo "usage: bash scripts/run.sh demo|test|test-latest|test-floor|setup|lock [args...]" >&2; exit 2 ;;
 esac
 
 python_bin="${PYTHON:-python3}"
@@ -42,7 +44,7 @@ if [[ "$command" == test-latest ]]; then
   echo "installing grerank_dist with the newest releases into $venv" >&2
   "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]"
   "$py" -m pip list --format=freeze --disable-pip-version-check | grep -iE '^(transformers|deepspeed|torch|peft|datasets|sentence-transformers|flagembedding|tokenizers|safetensors)==' >&2
-elif [[ "${#lock[@]}" -gt 0 && ( ! -f "$stamp" || pyproject.toml -nt "$stamp" || constraints.txt -nt "$stamp" ) ]]; then
+elif [[ "${#lock[@]}" -gt 0 && ( ! -f "$stamp" || pyproject.toml -nt "$stamp" || "${lock[1]}" -nt "$stamp" ) ]]; then
   echo "installing grerank_dist and its locked dependencies into $venv" >&2
   "${pip[@]}" -e ".[test]" "${lock[@]}"
   touch "$stamp"
@@ -50,7 +52,7 @@ fi
 
 case "$command" in
   demo) exec "$venv/bin/grerank" demo "$@" ;;
-  test | test-latest) exec "$py" -m pytest "$@" ;;
+  test | test-latest | test-floor) exec "$py" -m pytest "$@" ;;
   setup) echo "environment ready: source $venv/bin/activate" ;;
   lock)
     header=$(sed -n '/^#/p;/^[^#]/q' constraints.txt)
