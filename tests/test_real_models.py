@@ -183,3 +183,25 @@ def test_minilm_trains_with_grerank_train_and_exports(tmp_path, real_models):
         logits = model(**tokenizer([q for q, _ in pairs], [p for _, p in pairs], return_tensors="pt", padding=True)).logits[:, 0]
     cross = CrossEncoder(str(export), device="cpu", activation_fn=torch.nn.Identity())
     assert torch.allclose(torch.as_tensor(cross.predict(pairs)).float(), logits, atol=1e-5)
+
+
+def test_reading_records_have_one_gold_lookalikes_and_a_noisy_order():
+    """Each record: exactly the gold passage contains the answer, every distractor names the
+    asked entity or a lookalike of it (a shared name or name prefix), the same seed gives the same records, and the noisy
+    retriever order does not always put the gold passage first."""
+    from grerank_dist.reading import generate_reading_records
+
+    records = generate_reading_records(200, seed=1)
+    assert records == generate_reading_records(200, seed=1) != generate_reading_records(200, seed=2)
+    gold_first = 0
+    for record in records:
+        ctxs = record["ctxs"]
+        assert [c["has_answer"] for c in ctxs] == [c["is_supporting"] for c in ctxs] and sum(c["is_supporting"] for c in ctxs) == 1
+        assert [c["score"] for c in ctxs] == sorted((c["score"] for c in ctxs), reverse=True)
+        asked = {word[:3] for word in record["question"].split()[1:] if word[0].isupper()}
+        for ctx in ctxs:
+            named = {word[:3] for word in ctx["text"].split() if word[0].isupper()}
+            assert asked & named, (record["question"], ctx["text"])
+        gold_first += ctxs[0]["is_supporting"]
+    assert {record["type"] for record in records} == {"birthplace", "founder", "instrument", "capital"}
+    assert 0.2 * len(records) < gold_first < 0.9 * len(records)
