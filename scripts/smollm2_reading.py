@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="default: the fetch-models cache")
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="the chat answers are whole sentences")
     parser.add_argument("--batch", type=int, default=12)
     args = parser.parse_args()
 
