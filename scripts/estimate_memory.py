@@ -2,10 +2,11 @@
 
     python scripts/estimate_memory.py --world-size 8 --micro-batch 4
     python scripts/estimate_memory.py --world-size 1 --generator-stage 0 --micro-batch 2
+    python scripts/estimate_memory.py --generator llama-8b --world-size 8 --micro-batch 2
 
 Parameter counts come from the real model classes built on the meta device (CEPE-Llama2-7B
-shapes from ``cepe_7b_config``; the reranker at BGE-reranker-base / XLM-R base shapes), so they
-are exact; activation sizes are the tensors a step keeps alive, counted from the shapes
+shapes from ``cepe_7b_config``; an 8B decoder-only instruct model at Llama-3.1-8B shapes; the
+reranker at BGE-reranker-base / XLM-R base shapes), so they are exact; activation sizes are the tensors a step keeps alive, counted from the shapes
 (documented per line below). It is an estimate: allocator fragmentation, NCCL buffers and the
 CUDA context (about 1-2 GB together) come on top.
 """
@@ -15,19 +16,61 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+from transformers import LlamaConfig, LlamaForCausalLM, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
 from grerank_dist.models.cepe import CepeForCausalContextLM, cepe_7b_config
 
 GB = 1024**3
+BF16, FP32 = 2, 4
+# Llama-3.1-8B-Instruct's shapes (config.json of the public release).
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
 
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def cepe_rows(config, B: int, n: int, L: int, S: int) -> list[tuple[str, float, str]]:
+    """CEPE: a small encoder reads the documents; the decoder cross-attends to its states."""
+    h, he, ff, layers = config.hidden_size, config.encoder_config["hidden_size"], config.intermediate_size, config.num_hidden_layers
+    heads, keys = config.num_attention_heads, n * L
+    return [
+        ("encoder states kept for the step", B * keys * he * BF16 / GB, "B*n*L*H_enc, bf16"),
+        ("encoder layer working set (no autograd)", B * keys * (3 * he + config.encoder_config["intermediate_size"]) * BF16 / GB,
+         "one layer's q,k,v and MLP activations at a time"),
+        ("decoder checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"),
+        ("decoder recompute: one layer's cross K/V", 2 * B * keys * h * BF16 / GB, "K and V over n*L keys, bf16"),
+        ("decoder recompute: cross-attention probabilities", B * heads * S * keys * FP32 / GB, "fp32 softmax, B*heads*S*n*L"),
+        ("decoder recompute: self-attention + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "one layer"),
+    ]
+
+
+def decoder_only_rows(config, B: int, n: int, L: int, S: int) -> list[tuple[str, float, str]]:
+    """A decoder-only LLM in parallel-context mode: each document is pre-filled on its own (same
+    positions, no autograd: a document's states do not depend on the mask), its K/V kept for every
+    layer; the prompt+answer tokens then attend to all documents' K/V plus the per-document
+    log-mask bias, with gradient checkpointing over the S query tokens only."""
+    h, ff, layers, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
+    kv = config.num_key_value_heads * config.head_dim
+    keys = n * L
+    return [
+        ("document K/V cache, all layers (no autograd)", layers * 2 * B * keys * kv * BF16 / GB,
+         f"{layers} layers x K,V x B*n*L x {kv} (GQA), bf16"),
+        ("document pre-fill working set (no autograd)", B * keys * (3 * h + 2 * ff) * BF16 / GB,
+         "one layer's q,k,v and MLP over B*n*L tokens (SDPA/flash: no L x L matrix)"),
+        ("query checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"),
+        ("query recompute: attention probabilities", B * heads * S * (keys + S) * FP32 / GB,
+         "fp32 softmax, B*heads*S*(n*L+S)"),
+        ("query recompute: one layer's q,k,v + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "one layer"),
+        ("logits of the answer positions (fp32)", B * S * config.vocab_size * FP32 / GB, "B*S*vocab, fp32 log-softmax"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generator", choices=("cepe-7b", "llama-8b"), default="cepe-7b",
+                        help="CEPE-Llama2-7B, or an 8B decoder-only instruct LLM in parallel-context mode")
     parser.add_argument("--world-size", type=int, default=8, help="GPUs the generator is sharded over")
     parser.add_argument("--generator-stage", type=int, choices=(0, 3), default=3)
     parser.add_argument("--max-live-params", type=float, default=1e9, help="stage3_max_live_parameters")
@@ -40,48 +83,39 @@ def main() -> None:
     args = parser.parse_args()
 
     with torch.device("meta"):
-        config = cepe_7b_config()
-        generator = CepeForCausalContextLM(config)
+        generator = CepeForCausalContextLM(cepe_7b_config()) if args.generator == "cepe-7b" else LlamaForCausalLM(LlamaConfig(**LLAMA_8B))
         rr_config = XLMRobertaConfig(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                      intermediate_size=3072, max_position_embeddings=514, num_labels=1)
         reranker = XLMRobertaForSequenceClassification(rr_config)
     p_gen, p_rr = count_params(generator), count_params(reranker)
     B, n, L, S = args.micro_batch, args.candidates, args.doc_len, args.dec_len
-    h, he, ff, layers = config.hidden_size, config.encoder_config["hidden_size"], config.intermediate_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    keys = n * L
-    bf16, fp32 = 2, 4
+    config = generator.config
     shards = args.world_size if args.generator_stage == 3 else 1
 
     rows: list[tuple[str, float, str]] = []
-    rows.append(("generator parameters (bf16)", p_gen * bf16 / shards / GB,
+    rows.append(("generator parameters (bf16)", p_gen * BF16 / shards / GB,
                  f"{p_gen / 1e9:.2f} B params / {shards} shard(s)"))
     if args.generator_stage == 3:
         layer_params = count_params(generator.model.layers[0])
         live = max(args.max_live_params, 2 * layer_params)
-        rows.append(("ZeRO-3 gathered working set (bf16)", live * bf16 / GB,
+        rows.append(("ZeRO-3 gathered working set (bf16)", live * BF16 / GB,
                      f"max(stage3_max_live_parameters, 2 decoder layers of {layer_params / 1e6:.0f} M)"))
-    rows.append(("encoder states kept for the step", B * keys * he * bf16 / GB, "B*n*L*H_enc, bf16"))
-    rows.append(("encoder layer working set (no autograd)", B * keys * (3 * he + config.encoder_config["intermediate_size"]) * bf16 / GB,
-                 "one layer's q,k,v and MLP activations at a time"))
-    rows.append(("decoder checkpoints (layer inputs)", layers * B * S * h * bf16 / GB, "32 layers x B*S*H, bf16"))
-    rows.append(("decoder recompute: one layer's cross K/V", 2 * B * keys * h * bf16 / GB, "K and V over n*L keys, bf16"))
-    rows.append(("decoder recompute: cross-attention probabilities", B * heads * S * keys * fp32 / GB, "fp32 softmax, B*heads*S*n*L"))
-    rows.append(("decoder recompute: self-attention + MLP", B * S * (4 * h + 3 * ff) * bf16 / GB, "one layer"))
-    rows.append(("reranker parameters + gradients (fp32)", 2 * p_rr * fp32 / GB, f"{p_rr / 1e6:.0f} M params"))
-    rows.append(("reranker AdamW states, ZeRO-1 shard", 3 * p_rr * fp32 / args.world_size / GB,
+    rows += cepe_rows(config, B, n, L, S) if args.generator == "cepe-7b" else decoder_only_rows(config, B, n, L, S)
+    rows.append(("reranker parameters + gradients (fp32)", 2 * p_rr * FP32 / GB, f"{p_rr / 1e6:.0f} M params"))
+    rows.append(("reranker AdamW states, ZeRO-1 shard", 3 * p_rr * FP32 / args.world_size / GB,
                  "fp32 moments and master copy split over ranks"))
     pairs_tokens = B * n * args.rr_len
     hr, rr_layers, rr_heads = rr_config.hidden_size, rr_config.num_hidden_layers, rr_config.num_attention_heads
     if args.no_rr_checkpointing:
-        per_layer = pairs_tokens * (34 * hr + 5 * rr_heads * args.rr_len) * fp32 / 2  # Korthikanti et al. count, fp32
+        per_layer = pairs_tokens * (34 * hr + 5 * rr_heads * args.rr_len) * FP32 / 2  # Korthikanti et al. count, fp32
         rows.append(("reranker activations (no checkpointing)", rr_layers * per_layer / GB, "every layer's saved tensors, fp32"))
     else:
-        per_layer = pairs_tokens * (34 * hr + 5 * rr_heads * args.rr_len) * fp32 / 2
-        rows.append(("reranker activations (checkpointed)", (rr_layers * pairs_tokens * hr * fp32 + per_layer) / GB,
+        per_layer = pairs_tokens * (34 * hr + 5 * rr_heads * args.rr_len) * FP32 / 2
+        rows.append(("reranker activations (checkpointed)", (rr_layers * pairs_tokens * hr * FP32 + per_layer) / GB,
                      "layer inputs + one layer recomputed, fp32"))
     total = sum(r[1] for r in rows)
-    print(f"G-Rerank step, CEPE-Llama2-7B generator (ZeRO stage {args.generator_stage} over {shards}), "
+    name = "CEPE-Llama2-7B" if args.generator == "cepe-7b" else "8B decoder-only (Llama-3.1-8B shapes, parallel context)"
+    print(f"G-Rerank step, {name} generator (ZeRO stage {args.generator_stage} over {shards}), "
           f"BGE-reranker-base; B={B} n={n} L={L} S={S}, reranker pairs of {args.rr_len} tokens\n")
     print(f"{'item':48s} {'GiB':>7s}  how")
     for name, size, how in rows:
