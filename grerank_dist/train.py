@@ -120,7 +120,7 @@ def training_step(
         strategy.begin_generator_step()
         contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     objective = OBJECTIVES[config.train.objective]
-    out = objective(generator, contexts, batch, scores, config.relax, noise)  # mask -> generator -> loss
+    out = objective(generator, contexts, batch, scores, config.relax, noise, config.objective)  # mask -> generator -> loss
     strategy.backward(out.loss)
     strategy.step()
     return out
@@ -189,7 +189,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     for step in range(start_step, last_step):
         started = time.perf_counter()
         lr = strategy.learning_rate()  # the rate this step's update uses
-        losses, max_weights, max_masks = [], [], []
+        losses, max_weights, max_masks, objective_stats = [], [], [], []
         for micro in range(accum):
             micro_step = step * accum + micro
             # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
@@ -201,6 +201,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
             losses.append(out.loss.detach())
             max_weights.append(out.mean_max_weight)
             max_masks.append(out.mean_max_mask)
+            objective_stats.append(out.stats)
         elapsed = time.perf_counter() - started
         done = step + 1
         bar.update(1)
@@ -219,6 +220,10 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
                     "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
                     "queries_per_s": queries / elapsed,
                     "step_time_s": elapsed,
+                    **{
+                        name: strategy.all_reduce_mean(torch.stack([s[name] for s in objective_stats]).float().mean()).item()
+                        for name in objective_stats[0]
+                    },
                 },
             )
             bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
