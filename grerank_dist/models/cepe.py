@@ -292,19 +292,17 @@ class CepeCrossAttention(nn.Module):
         self.v_proj = nn.Linear(config.encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def project_keys_values(self, encoder_states: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [rows, Hkv, N, D] from encoder states [B, N, H_enc].
+    def project_keys_values(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, Hkv, N, D] from encoder states [B, N, H_enc].
 
-        Projected once for the B queries, then repeated for their rows/B masks (the decoder rows
-        of one query are consecutive), so m masks cost no extra projection.
+        Projected once for the B queries and never repeated for their m masks: the m decoder
+        rows of one query (consecutive) share them inside ``masked_attention``, so a baseline's
+        n single-document masks cost neither n projections nor n copies of the documents' keys.
         """
         batch, n_keys, _ = encoder_states.shape
         shape = (batch, n_keys, self.num_kv_heads, self.head_dim)
         keys = self.k_proj(encoder_states).view(shape).transpose(1, 2)
         values = self.v_proj(encoder_states).view(shape).transpose(1, 2)
-        if rows != batch:
-            keys = keys.repeat_interleave(rows // batch, dim=0)
-            values = values.repeat_interleave(rows // batch, dim=0)
         return keys, values
 
     def forward(
@@ -356,7 +354,7 @@ class CepeDecoderLayer(nn.Module):
         hidden_states = hidden_states + attended
         if self.cross_attn is not None and key_bias is not None:
             if cross_keys_values is None:
-                cross_keys_values = self.cross_attn.project_keys_values(encoder_states, hidden_states.shape[0])
+                cross_keys_values = self.cross_attn.project_keys_values(encoder_states)
             hidden_states = hidden_states + self.cross_attn(hidden_states, *cross_keys_values, key_bias)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -877,7 +875,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         tokens, mask = rows["input_ids"], rows["attention_mask"]
         states = None if contexts is None else contexts.states
         cache = DynamicCache() if use_cache else None
-        cross_kv = self._project_cross_keys_values(states, tokens.shape[0]) if use_cache else None
+        cross_kv = self._project_cross_keys_values(states) if use_cache else None
         step_input = tokens
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         generated: list[torch.Tensor] = []
@@ -906,7 +904,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         return torch.tensor(ids, dtype=torch.long, device=device)
 
     def _project_cross_keys_values(
-        self, states: tuple[torch.Tensor, ...] | None, rows: int
+        self, states: tuple[torch.Tensor, ...] | None
     ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Cross-attention keys/values of every layer, computed once for a whole generation."""
         projected: list[tuple[torch.Tensor, torch.Tensor] | None] = []
@@ -915,7 +913,7 @@ class CepeForCausalContextLM(PreTrainedModel):
                 projected.append(None)
             else:
                 source = states[self.model.source_of_layer[idx]]
-                projected.append(layer.cross_attn.project_keys_values(source, rows))
+                projected.append(layer.cross_attn.project_keys_values(source))
         return projected
 
 
