@@ -329,3 +329,21 @@ def test_nogumbel_is_grerank_without_noise() -> None:
     flag = OBJECTIVES["grerank"](_EncodingGenerator(), "contexts", batch, scores, RelaxConfig(k=2, tau=0.5, noise=False), None)
     noisy = OBJECTIVES["grerank"](_EncodingGenerator(), "contexts", batch, scores, relax, torch.Generator().manual_seed(1))
     assert named.loss.item() == flag.loss.item() != noisy.loss.item()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("objective.kl_direction=sideways", r"objective\.kl_direction: must be one of"),
+        ("objective.target_temperature=0", r"objective\.target_temperature: must be > 0"),
+        ("objective.score_temperature=-1", r"objective\.score_temperature: must be > 0"),
+        ("objective.dro_samples=0", r"objective\.dro_samples: must be an integer >= 1"),
+        ("objective.temperature=1", r"objective: unknown key\(s\) \['temperature'\]"),
+    ],
+)
+def test_objective_section_is_checked_at_load(override: str, message: str) -> None:
+    from grerank_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.n_candidates=4", "relax.k=2", override])
+    assert load_config(None, ["data.n_candidates=4", "relax.k=2", "train.objective=dro", "objective.dro_samples=8"]).objective.dro_samples == 8
