@@ -234,7 +234,9 @@ def dro_loss(
     weight each by the generator's answer likelihood with that hard subset, self-normalised over
     the m samples, and maximise the weighted log-probability of the sampled subsets."""
     settings = settings or ObjectiveConfig()
-    logits = (scores / settings.score_temperature).masked_fill(~batch.valid, -torch.inf)
+    # Padding gets a finite floor, not -inf: it is never drawn before a real candidate, and a
+    # query with fewer than k real ones keeps finite (and NaN-free) log-probabilities.
+    logits = (scores / settings.score_temperature).masked_fill(~batch.valid, _PADDING_LOGIT)
     order = plackett_luce_sample(logits.detach(), relax.k, settings.dro_samples, noise)  # [B, m, k]
     picked_valid = batch.valid.gather(1, order.flatten(1)).view(order.shape)
     chosen = torch.zeros(*order.shape[:2], scores.shape[1], dtype=torch.bool, device=scores.device)
@@ -246,6 +248,9 @@ def dro_loss(
     loss = -(weights * subset_logp).sum(-1).mean()
     stats = {"weight_max": weights.max(-1).values.mean(), "subset_logp": subset_logp.detach().mean()}
     return _output(loss, scores, batch, relax, stats)
+
+
+_PADDING_LOGIT = -1.0e9
 
 
 def plackett_luce_sample(logits: torch.Tensor, k: int, m: int, noise: torch.Generator | None) -> torch.Tensor:

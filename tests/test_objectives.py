@@ -347,3 +347,17 @@ def test_objective_section_is_checked_at_load(override: str, message: str) -> No
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.n_candidates=4", "relax.k=2", override])
     assert load_config(None, ["data.n_candidates=4", "relax.k=2", "train.objective=dro", "objective.dro_samples=8"]).objective.dro_samples == 8
+
+
+def test_dro_with_fewer_real_candidates_than_k_leaves_padding_out_and_stays_finite() -> None:
+    subsets = {frozenset({0, 1}): -0.5}
+    scores = torch.tensor([[0.2, -0.4, 5.0]], requires_grad=True)  # candidate 2 is padding, k = 3
+    out = OBJECTIVES["dro"](_TableGenerator([subsets]), None, _stub_batch([[True, True, False]]), scores,
+                            RelaxConfig(k=3, tau=1.0), torch.Generator().manual_seed(0), ObjectiveConfig(dro_samples=2))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(scores.grad).all() and scores.grad[0, 2].item() == 0.0
+    # each sample is an order of {0, 1} (equal likelihoods: weights 1/2); once the first is drawn the
+    # second is certain, so log P = log softmax(0.2, -0.4)[first]
+    firsts = plackett_luce_sample(torch.tensor([[0.2, -0.4, -1.0e9]]), 3, 2, torch.Generator().manual_seed(0))[0, :, 0]
+    prior = _softmax([0.2, -0.4])
+    assert abs(out.loss.item() + sum(math.log(prior[i]) for i in firsts.tolist()) / 2) < 1e-6
