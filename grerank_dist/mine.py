@@ -63,8 +63,10 @@ def mine_relevance(
 def scalar_baselines(
     generator: ParallelContextGenerator, contexts: EncodedContexts, batch: Batch
 ) -> dict[str, torch.Tensor]:
-    """App. F.1's per-document scores [B, n], higher = more relevant; ``highest_attention`` only
-    where the generator offers ``document_attention_mass``."""
+    """App. F.1's per-document scores [B, n], higher = more relevant: the answer's mean per-token
+    log-likelihood with the document alone, the value-norm-weighted attention mass with all
+    candidates (only where the generator offers ``document_attention_mass``), and the rise of
+    the answer's NLL without the document (over all candidates: mining has no top-k set)."""
     valid = batch.valid
     alone = _answer_under_masks(generator, contexts, batch, _single_document_masks(valid)).mean()
     without = -_answer_under_masks(generator, contexts, batch, _leave_one_out_masks(valid)).mean()
@@ -73,7 +75,7 @@ def scalar_baselines(
         full_set = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, -torch.inf)
         with torch.no_grad():
             scores["highest_attention"] = generator.document_attention_mass(
-                contexts, batch.input_ids, batch.attention_mask, batch.labels, full_set
+                contexts, batch.input_ids, batch.attention_mask, batch.labels, full_set, value_norm=True
             )
     return {name: value.masked_fill(~valid, -torch.inf) for name, value in scores.items()}
 
