@@ -29,7 +29,7 @@ from grerank_dist.evaluate import table_columns
 from grerank_dist.generator import EncodedContexts, ParallelContextGenerator
 from grerank_dist.metrics import aggregate_metrics, gold_labels, metrics_table_markdown, rank_by_scores, retrieval_query_metrics
 from grerank_dist.models import RANDOM_PREFIX, load_generator
-from grerank_dist.objectives import _answer_under_masks, _leave_one_out_masks, _single_document_masks
+from grerank_dist.objectives import answer_under_masks, leave_one_out_masks, single_document_masks
 from grerank_dist.relax import gumbel_attention_mask, noise_generator
 
 MINED = "grerank_mined"
@@ -68,8 +68,8 @@ def scalar_baselines(
     candidates (only where the generator offers ``document_attention_mass``), and the rise of
     the answer's NLL without the document (over all candidates: mining has no top-k set)."""
     valid = batch.valid
-    alone = _answer_under_masks(generator, contexts, batch, _single_document_masks(valid)).mean()
-    without = -_answer_under_masks(generator, contexts, batch, _leave_one_out_masks(valid)).mean()
+    alone = answer_under_masks(generator, contexts, batch, single_document_masks(valid)).mean()
+    without = -answer_under_masks(generator, contexts, batch, leave_one_out_masks(valid)).mean()
     scores = {"lowest_perplexity": alone, "largest_loo_drop": without[:, :-1] - without[:, -1:]}
     if hasattr(generator, "document_attention_mass"):
         full_set = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, -torch.inf)

@@ -144,7 +144,7 @@ def emdr_loss(
     p_R = softmax(scores / T_s) over the real candidates and p_G the answer's sequence
     likelihood with d_i alone. Its gradient w.r.t. the scores is (p_R - posterior) / T_s."""
     settings = settings or ObjectiveConfig()
-    answer = _answer_under_masks(generator, contexts, batch, _single_document_masks(batch.valid))
+    answer = answer_under_masks(generator, contexts, batch, single_document_masks(batch.valid))
     log_prior = _log_softmax_valid(scores / settings.score_temperature, batch.valid)
     joint = (log_prior + answer.sum()).masked_fill(~batch.valid, -torch.inf)
     log_marginal = joint.logsumexp(-1)
@@ -170,7 +170,7 @@ def pdist_loss(
     """PDist (Atlas's convention): KL between softmax(target / T_g) and softmax(scores / T_s),
     the target the mean per-token answer log-likelihood with each candidate alone."""
     settings = settings or ObjectiveConfig()
-    answer = _answer_under_masks(generator, contexts, batch, _single_document_masks(batch.valid))
+    answer = answer_under_masks(generator, contexts, batch, single_document_masks(batch.valid))
     return _distillation(answer.mean(), scores, batch, relax, settings)
 
 
@@ -186,7 +186,7 @@ def loop_loss(
     """LOOP: leave-one-out over the candidate set; the target of d_i is how much the mean
     per-token answer NLL rises when d_i is removed (the full set is the batch's last mask)."""
     settings = settings or ObjectiveConfig()
-    answer = _answer_under_masks(generator, contexts, batch, _leave_one_out_masks(batch.valid))
+    answer = answer_under_masks(generator, contexts, batch, leave_one_out_masks(batch.valid))
     nll = -answer.mean()  # [B, n + 1]
     rise = nll[:, :-1] - nll[:, -1:]
     out = _distillation(rise, scores, batch, relax, settings)
@@ -242,7 +242,7 @@ def dro_loss(
     chosen = torch.zeros(*order.shape[:2], scores.shape[1], dtype=torch.bool, device=scores.device)
     chosen.scatter_(2, order, picked_valid)
     masks = torch.zeros(chosen.shape, device=scores.device).masked_fill(~chosen, -torch.inf)
-    answer = _answer_under_masks(generator, contexts, batch, masks)
+    answer = answer_under_masks(generator, contexts, batch, masks)
     weights = torch.softmax(answer.sum(), dim=-1)  # [B, m]
     subset_logp = plackett_luce_logprob(logits, order, picked_valid)
     loss = -(weights * subset_logp).sum(-1).mean()
@@ -279,7 +279,7 @@ def _uniform(shape: tuple[int, ...], like: torch.Tensor, noise: torch.Generator 
     return uniform.clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
 
 
-def _single_document_masks(valid: torch.Tensor) -> torch.Tensor:
+def single_document_masks(valid: torch.Tensor) -> torch.Tensor:
     """[B, n, n] hard log-masks, row i keeping d_i alone; a padding candidate's row keeps the
     real ones (a well-formed row whose result is never read)."""
     n = valid.shape[1]
@@ -288,7 +288,7 @@ def _single_document_masks(valid: torch.Tensor) -> torch.Tensor:
     return _log_mask(keep)
 
 
-def _leave_one_out_masks(valid: torch.Tensor) -> torch.Tensor:
+def leave_one_out_masks(valid: torch.Tensor) -> torch.Tensor:
     """[B, n + 1, n] hard log-masks: row i removes d_i from the real candidates, row n keeps
     them all. A row left empty (a query with one real candidate) keeps them all too."""
     n = valid.shape[1]
@@ -301,7 +301,7 @@ def _log_mask(keep: torch.Tensor) -> torch.Tensor:
     return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, -torch.inf)
 
 
-def _answer_under_masks(
+def answer_under_masks(
     generator: ParallelContextGenerator, contexts: EncodedContexts, batch: Batch, masks: torch.Tensor
 ) -> AnswerLogProbs:
     """The answer's log-probabilities under m hard masks per query [B, m, n]: one batched

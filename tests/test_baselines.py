@@ -10,7 +10,7 @@ import torch
 import grerank_dist.models.cepe as cepe_module
 from grerank_dist.attention import available_backends, masked_attention
 from grerank_dist.config import ObjectiveConfig, RelaxConfig
-from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, _single_document_masks
+from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, single_document_masks
 from helpers_cepe import build_tiny_model, make_batch
 
 NEG_INF = float("-inf")
@@ -53,7 +53,7 @@ def model():
 def test_single_document_masks_run_as_one_call_over_one_copy_of_the_keys(model, monkeypatch):
     batch = make_batch(2, 4, seed=5)
     valid = torch.tensor([[True] * 4, [True, True, True, False]])
-    masks = _single_document_masks(valid)
+    masks = single_document_masks(valid)
     contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     key_rows = []
     real = cepe_module.masked_attention
