@@ -153,16 +153,49 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, requires_grad: bool)
 
 
 def _eager_attention(q, k, v, key_bias, scale):
+    return _eager_with_bias(q, k, v, key_bias[:, None, None, :], scale)
+
+
+def _eager_with_bias(q, k, v, bias, scale):
+    """Eager attention with an additive ``bias`` broadcastable to the logits [B, H, M, N]."""
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     logits = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
-    logits = logits + key_bias.to(compute_dtype)[:, None, None, :]
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits + bias.to(compute_dtype), dim=-1)
     return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
 
 
 def _sdpa_attention(q, k, v, key_bias, scale):
-    attn_mask = key_bias.to(q.dtype)[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return _sdpa_with_bias(q, k, v, key_bias[:, None, None, :], scale)
+
+
+def _sdpa_with_bias(q, k, v, bias, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+def _shared_kv_attention(backend: str, q, k, v, key_bias, scale):
+    """Attention of m masks per query over that query's ONE copy of the keys and values.
+
+    ``q`` [B*m, Hkv, Q, D] (the rows of one query consecutive), ``k``/``v`` [B, Hkv, N, D],
+    ``key_bias`` [B*m, N]. The eager and SDPA backends stack the m masks' queries as extra query
+    rows of one attention over [B, Hkv, m*Q, D] against the shared keys, each row group with its
+    own bias: no copy of the keys and values, which are what a baseline's n single-document
+    masks would otherwise repeat n times. The folded backends carry the bias in a key channel,
+    so there the keys differ per mask and are repeated.
+    """
+    rows, n_kv_heads, n_queries, head_dim = q.shape
+    batch, n_keys = k.shape[0], k.shape[2]
+    masks = rows // batch
+    if backend not in ("eager", "sdpa"):
+        k, v = k.repeat_interleave(masks, dim=0), v.repeat_interleave(masks, dim=0)
+        return _BACKEND_FUNCTIONS[backend](q, k, v, key_bias, scale)
+    stacked_q = q.view(batch, masks, n_kv_heads, n_queries, head_dim).transpose(1, 2)
+    stacked_q = stacked_q.reshape(batch, n_kv_heads, masks * n_queries, head_dim)
+    bias = key_bias.view(batch, 1, masks, 1, n_keys).expand(batch, 1, masks, n_queries, n_keys)
+    bias = bias.reshape(batch, 1, masks * n_queries, n_keys)
+    attend = _eager_with_bias if backend == "eager" else _sdpa_with_bias
+    out = attend(stacked_q, k, v, bias, scale)
+    out = out.view(batch, n_kv_heads, masks, n_queries, head_dim).transpose(1, 2)
+    return out.reshape(rows, n_kv_heads, n_queries, head_dim)
 
 
 def _fold_bias_into_head_dim(q, k, v, key_bias, scale):
@@ -262,9 +295,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
     batch, n_heads, _, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
+    if k.shape[0] == 0 or batch % k.shape[0] != 0 or k.shape[3] != head_dim:
         raise ValueError(
-            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim"
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch (a divisor: "
+            f"rows of one query's masks share its keys) or head dim"
         )
     if k.shape[1] == 0 or n_heads % k.shape[1] != 0:
         raise ValueError(f"query heads ({n_heads}) must be a multiple of key/value heads ({k.shape[1]})")
@@ -309,7 +343,9 @@ def masked_attention(
 
     Args:
         q: [B, H, M, D] queries.
-        k, v: [B, Hkv, N, D] keys and values; H must be a multiple of Hkv (grouped-query).
+        k, v: [B, Hkv, N, D] keys and values; H must be a multiple of Hkv (grouped-query). They
+            may also have B/m rows: m consecutive query rows (m masks of one query) then share one
+            row of keys and values, which is not copied on the eager and SDPA backends.
         key_bias: [B, N] float bias added to every logit of key n in batch row b; -inf removes the
             key (padding, or a document with mask 0). See :func:`expand_doc_bias`.
         backend: one of :data:`BACKENDS` or "auto" (fastest exact backend for the device).
@@ -328,8 +364,11 @@ def masked_attention(
         check_key_bias(key_bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_bias))
+    shared_kv = k.shape[0] != q.shape[0]
     if backend == "auto":
         backend = _auto_backend(q.device, q.dtype, requires_grad)
+        if shared_kv and backend in ("flash", "folded"):
+            backend = "sdpa"  # their bias channel lives in the keys, which would need a copy per mask
     reason = backend_unavailable_reason(backend, q.device, q.dtype, requires_grad)
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} is unavailable: {reason}")
@@ -338,5 +377,8 @@ def masked_attention(
     # The bias depends on neither head nor query, so the query heads sharing a kv head can be
     # stacked as extra query rows: grouped-query attention without copying k and v.
     grouped_q = q.reshape(batch, n_kv_heads, (n_heads // n_kv_heads) * n_queries, head_dim)
-    out = _BACKEND_FUNCTIONS[backend](grouped_q, k, v, key_bias, scale)
+    if shared_kv:
+        out = _shared_kv_attention(backend, grouped_q, k, v, key_bias, scale)
+    else:
+        out = _BACKEND_FUNCTIONS[backend](grouped_q, k, v, key_bias, scale)
     return out.reshape(batch, n_heads, n_queries, head_dim)

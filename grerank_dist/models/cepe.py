@@ -300,20 +300,20 @@ class CepeCrossAttention(nn.Module):
         self.k_proj = nn.Linear(config.encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.encoder_hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # Set by CepeForCausalContextLM.document_attention_mass for one forward; None otherwise.
+        self.mass_recorder: "_AttentionMassRecorder | None" = None
 
-    def project_keys_values(self, encoder_states: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [rows, Hkv, N, D] from encoder states [B, N, H_enc].
+    def project_keys_values(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, Hkv, N, D] from encoder states [B, N, H_enc].
 
-        Projected once for the B queries, then repeated for their rows/B masks (the decoder rows
-        of one query are consecutive), so m masks cost no extra projection.
+        Projected once for the B queries and never repeated for their m masks: the m decoder
+        rows of one query (consecutive) share them inside ``masked_attention``, so a baseline's
+        n single-document masks cost neither n projections nor n copies of the documents' keys.
         """
         batch, n_keys, _ = encoder_states.shape
         shape = (batch, n_keys, self.num_kv_heads, self.head_dim)
         keys = self.k_proj(encoder_states).view(shape).transpose(1, 2)
         values = self.v_proj(encoder_states).view(shape).transpose(1, 2)
-        if rows != batch:
-            keys = keys.repeat_interleave(rows // batch, dim=0)
-            values = values.repeat_interleave(rows // batch, dim=0)
         return keys, values
 
     def forward(
@@ -322,11 +322,44 @@ class CepeCrossAttention(nn.Module):
         rows, seq_len, _ = hidden_states.shape
         queries = self.q_proj(self.layernorm(hidden_states))
         queries = queries.view(rows, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        attended = masked_attention(
-            queries, keys, values, key_bias, backend=self.config.cross_attn_backend, scale=self.head_dim**-0.5,
-            check_bias=False,  # checked once per forward in decoder_rows
-        )
+        if self.mass_recorder is not None:  # ADist's target pass only (no_grad, eager)
+            attended = self._attend_recording_mass(queries, keys, values, key_bias)
+        else:
+            attended = masked_attention(
+                queries, keys, values, key_bias, backend=self.config.cross_attn_backend, scale=self.head_dim**-0.5,
+                check_bias=False,  # checked once per forward in decoder_rows
+            )
         return self.o_proj(attended.transpose(1, 2).reshape(rows, seq_len, self.num_heads * self.head_dim))
+
+    def _attend_recording_mass(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Eager attention that hands its probabilities to the recorder (fused kernels return none)."""
+        rows = queries.shape[0]
+        per_head = self.num_heads // self.num_kv_heads
+        keys = keys.repeat_interleave(rows // keys.shape[0], dim=0).repeat_interleave(per_head, dim=1).float()
+        values = values.repeat_interleave(rows // values.shape[0], dim=0).repeat_interleave(per_head, dim=1).float()
+        logits = torch.matmul(queries.float(), keys.transpose(-1, -2)) * self.head_dim**-0.5
+        probs = torch.softmax(logits + key_bias.float()[:, None, None, :], dim=-1)  # [R, H, S, n*L]
+        self.mass_recorder.add(probs, values)
+        return torch.matmul(probs, values).to(queries.dtype)
+
+
+class _AttentionMassRecorder:
+    """Collects, per cross-attention layer, the attention probability mass on each document
+    [R, S, n], averaged over heads; with ``value_norm`` each key's probability is weighted by
+    its value vector's norm (how much the key can move the output, not only how much it is read)."""
+
+    def __init__(self, n_docs: int, value_norm: bool) -> None:
+        self.n_docs, self.value_norm = n_docs, value_norm
+        self.per_layer: list[torch.Tensor] = []
+
+    def add(self, probs: torch.Tensor, values: torch.Tensor) -> None:
+        if self.value_norm:
+            probs = probs * values.norm(dim=-1)[:, :, None, :]
+        rows, heads, seq_len, n_keys = probs.shape
+        per_doc = probs.view(rows, heads, seq_len, self.n_docs, n_keys // self.n_docs).sum(-1)
+        self.per_layer.append(per_doc.mean(1))
 
 
 def _attention_cache_keyword() -> str:
@@ -384,7 +417,7 @@ class CepeDecoderLayer(nn.Module):
         hidden_states = hidden_states + attended
         if self.cross_attn is not None and key_bias is not None:
             if cross_keys_values is None:
-                cross_keys_values = self.cross_attn.project_keys_values(encoder_states, hidden_states.shape[0])
+                cross_keys_values = self.cross_attn.project_keys_values(encoder_states)
             hidden_states = hidden_states + self.cross_attn(hidden_states, *cross_keys_values, key_bias)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -850,6 +883,41 @@ class CepeForCausalContextLM(PreTrainedModel):
             is_target = is_target.reshape(-1, masks_per_query, labels.shape[1])
         return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
 
+    @torch.no_grad()
+    def document_attention_mass(
+        self,
+        contexts: EncodedContexts,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        doc_log_mask: torch.Tensor | None,
+        value_norm: bool = False,
+    ) -> torch.Tensor:
+        """ADist's target: the cross-attention probability mass on each document, [B, n] (or
+        [B, m, n] for 3-D masks), averaged over heads, cross-attention layers and the positions
+        that predict answer tokens (those ``answer_logprobs`` reads). Without ``value_norm`` a
+        row sums to 1 over the documents. One eager decoder pass without autograd: the fused
+        kernels return no probabilities, and the G-Rerank path never pays for this one."""
+        recorder = _AttentionMassRecorder(contexts.num_docs, value_norm)
+        cross_layers = [layer.cross_attn for layer in self.model.layers if layer.cross_attn is not None]
+        for layer in cross_layers:
+            layer.mass_recorder = recorder
+        try:
+            _, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
+        finally:
+            for layer in cross_layers:
+                layer.mass_recorder = None
+        if labels is None:
+            raise ValueError("document_attention_mass needs labels (-100 where no answer token)")
+        predicting = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        predicting[:, :-1] = labels[:, 1:] != -100  # position t predicts label t + 1
+        per_position = torch.stack(recorder.per_layer).mean(0)  # [R, S, n]
+        weights = predicting.to(per_position.dtype)[:, :, None]
+        mass = (per_position * weights).sum(1) / weights.sum(1).clamp_min(1)
+        if doc_log_mask is not None and doc_log_mask.dim() == 3:
+            mass = mass.reshape(-1, masks_per_query, mass.shape[-1])
+        return mass
+
     # --- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -888,7 +956,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         tokens, mask = rows["input_ids"], rows["attention_mask"]
         states = None if contexts is None else contexts.states
         cache = DynamicCache() if use_cache else None
-        cross_kv = self._project_cross_keys_values(states, tokens.shape[0]) if use_cache else None
+        cross_kv = self._project_cross_keys_values(states) if use_cache else None
         step_input = tokens
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         generated: list[torch.Tensor] = []
@@ -917,7 +985,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         return torch.tensor(ids, dtype=torch.long, device=device)
 
     def _project_cross_keys_values(
-        self, states: tuple[torch.Tensor, ...] | None, rows: int
+        self, states: tuple[torch.Tensor, ...] | None
     ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Cross-attention keys/values of every layer, computed once for a whole generation."""
         projected: list[tuple[torch.Tensor, torch.Tensor] | None] = []
@@ -926,7 +994,7 @@ class CepeForCausalContextLM(PreTrainedModel):
                 projected.append(None)
             else:
                 source = states[self.model.source_of_layer[idx]]
-                projected.append(layer.cross_attn.project_keys_values(source, rows))
+                projected.append(layer.cross_attn.project_keys_values(source))
         return projected
 
 
