@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -129,3 +130,52 @@ class GeneratorFamily:
     accepts: Callable[[dict[str, Any]], bool]  # a checkpoint's parsed config.json
     load: Callable[..., tuple[torch.nn.Module, Any]]
     build_random: Callable[..., tuple[torch.nn.Module, Any]]
+
+
+def stop_token_tensor(eos_token_id: int | list[int] | None, stop_token_ids: list[int] | None, device: torch.device) -> torch.Tensor:
+    """The ids that end a generated answer: the model's EOS id(s), then ``stop_token_ids``."""
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = eos + [i for i in (stop_token_ids or []) if i not in eos]
+    if not ids:
+        raise ValueError("no stop token: config.eos_token_id is None and stop_token_ids is empty")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def greedy_decode(
+    next_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    stop_ids: torch.Tensor,
+    pad_token_id: int,
+    max_new_tokens: int,
+    use_cache: bool,
+) -> torch.Tensor:
+    """The greedy loop every generator shares: ``next_logits(step_input, mask)`` gives the logits
+    [R, V] of the next token (a model with a cache is handed only the newest token). A row that
+    has stopped emits ``pad_token_id``. Under torch.distributed every rank steps until all ranks
+    are done, so that ZeRO-3's gathers stay in lock step. Returns [R, T], T <= max_new_tokens."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    step_input = tokens
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    generated: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        next_token = next_logits(step_input, mask).argmax(-1).masked_fill(finished, pad_token_id)
+        generated.append(next_token)
+        finished |= torch.isin(next_token, stop_ids)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        step_input = next_token[:, None] if use_cache else tokens
+        if _all_ranks_done(finished):
+            break
+    return torch.stack(generated, dim=1)
+
+
+def _all_ranks_done(finished: torch.Tensor) -> bool:
+    """True once every row of every rank has stopped (one all-reduce per step when distributed)."""
+    local_done = finished.all()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(local_done)
+    flag = local_done.to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

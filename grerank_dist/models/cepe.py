@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from huggingface_hub.dataclasses import strict
@@ -51,7 +50,14 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import ModelOutput
 
 from grerank_dist.attention import BACKENDS, check_key_bias, expand_doc_bias, masked_attention
-from grerank_dist.generator import AnswerLogProbs, EncodedContexts, GeneratorFamily, InputFormat
+from grerank_dist.generator import (
+    AnswerLogProbs,
+    EncodedContexts,
+    GeneratorFamily,
+    InputFormat,
+    greedy_decode,
+    stop_token_tensor,
+)
 
 __all__ = [
     "CepeCausalLMOutput",
@@ -941,8 +947,6 @@ class CepeForCausalContextLM(PreTrainedModel):
         recomputes everything at every step). Under torch.distributed every rank keeps stepping
         until all ranks are done, so ZeRO-3 parameter gathers stay in lock step.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
@@ -950,39 +954,22 @@ class CepeForCausalContextLM(PreTrainedModel):
         rows, key_bias, masks_per_query = decoder_rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask}
         )
-        stop_ids = self._stop_token_ids(stop_token_ids, input_ids.device)
+        stop_ids = stop_token_tensor(self.config.eos_token_id, stop_token_ids, input_ids.device)
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else int(stop_ids[0])
-        tokens, mask = rows["input_ids"], rows["attention_mask"]
         states = None if contexts is None else contexts.states
         cache = DynamicCache() if use_cache else None
         cross_kv = self._project_cross_keys_values(states) if use_cache else None
-        step_input = tokens
-        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        generated: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            hidden = self.model(step_input, mask, key_bias, states, cross_kv, cache)
-            next_token = self.lm_head(hidden[:, -1]).argmax(-1)
-            next_token = next_token.masked_fill(finished, pad_token_id)
-            generated.append(next_token)
-            finished |= torch.isin(next_token, stop_ids)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step_input = next_token[:, None] if use_cache else tokens
-            if _all_ranks_done(finished):
-                break
-        output = torch.stack(generated, dim=1)
+
+        def next_logits(step_input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(self.model(step_input, mask, key_bias, states, cross_kv, cache)[:, -1])
+
+        output = greedy_decode(
+            next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache
+        )
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
             output = output.reshape(-1, masks_per_query, output.shape[1])
         return output
-
-    def _stop_token_ids(self, stop_token_ids: list[int] | None, device: torch.device) -> torch.Tensor:
-        eos = self.config.eos_token_id
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        ids = eos_ids + [i for i in (stop_token_ids or []) if i not in eos_ids]
-        if not ids:
-            raise ValueError("no stop token: config.eos_token_id is None and stop_token_ids is empty")
-        return torch.tensor(ids, dtype=torch.long, device=device)
 
     def _project_cross_keys_values(
         self, states: tuple[torch.Tensor, ...] | None
@@ -1038,16 +1025,6 @@ def decoder_rows(
     key_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
     check_key_bias(key_bias)
     return tensors, key_bias, masks_per_query
-
-
-def _all_ranks_done(finished: torch.Tensor) -> bool:
-    """True once every row of every rank has stopped (one all-reduce per step when distributed)."""
-    local_done = finished.all()
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(local_done)
-    flag = local_done.to(torch.int32).reshape(1)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------

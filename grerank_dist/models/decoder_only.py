@@ -37,8 +37,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grerank_dist.attention import check_key_bias, expand_doc_bias
-from grerank_dist.generator import AnswerLogProbs, EncodedContexts, GeneratorFamily, InputFormat
-from grerank_dist.models.cepe import Fp32LMHead, _all_ranks_done, _causal_padding_mask
+from grerank_dist.generator import (
+    AnswerLogProbs,
+    EncodedContexts,
+    GeneratorFamily,
+    InputFormat,
+    greedy_decode,
+    stop_token_tensor,
+)
+from grerank_dist.models.cepe import Fp32LMHead, _causal_padding_mask
 
 ATTENTION_NAME = "grerank_parallel_context"
 # Architectures whose attention modules call the registered attention function with
@@ -421,36 +428,23 @@ class DecoderOnlyGenerator(nn.Module):
         cached (``use_cache=False`` recomputes the whole prompt each step). Under
         torch.distributed every rank steps until all ranks are done (ZeRO-3 lock step).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1 for every row")
         rows, keys, per_query = self._rows(contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask})
-        eos = self.config.eos_token_id
-        stop = ([] if eos is None else [eos] if isinstance(eos, int) else list(eos)) + list(stop_token_ids or [])
-        if not stop:
-            raise ValueError("no stop token: config.eos_token_id is None and stop_token_ids is empty")
-        stop_ids = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
+        stop_ids = stop_token_tensor(self.config.eos_token_id, stop_token_ids, input_ids.device)
         if pad_token_id is None:
-            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else stop[0]
-        tokens, mask = rows["input_ids"], rows["attention_mask"]
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else int(stop_ids[0])
         cache = DynamicCache() if use_cache else None
-        step_input = tokens
-        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        generated: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            hidden = self._hidden(step_input, mask, keys, cache)
-            next_token = self.lm.get_output_embeddings()(hidden[:, -1]).argmax(-1).masked_fill(finished, pad_token_id)
-            generated.append(next_token)
-            finished |= torch.isin(next_token, stop_ids)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step_input = next_token[:, None] if use_cache else tokens
-            if _all_ranks_done(finished):
-                break
-        output = torch.stack(generated, dim=1)
+        head = self.lm.get_output_embeddings()
+
+        def next_logits(step_input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return head(self._hidden(step_input, mask, keys, cache)[:, -1])
+
+        output = greedy_decode(
+            next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache
+        )
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
             output = output.reshape(-1, per_query, output.shape[1])
         return output

@@ -38,10 +38,16 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from grerank_dist.attention import BACKENDS, masked_attention
-from grerank_dist.generator import AnswerLogProbs, EncodedContexts, GeneratorFamily, InputFormat
+from grerank_dist.generator import (
+    AnswerLogProbs,
+    EncodedContexts,
+    GeneratorFamily,
+    InputFormat,
+    greedy_decode,
+    stop_token_tensor,
+)
 from grerank_dist.models.cepe import (
     Fp32LMHead,
-    _all_ranks_done,
     _causal_padding_mask,
     _checkpoint_files,
     _format_keys,
@@ -350,33 +356,19 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         The self-attention keys/values are cached and the cross-attention ones projected once.
         Under torch.distributed every rank steps until all ranks are done (ZeRO-3 lock step).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         rows, key_bias, masks_per_query = self._rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         tokens, mask = self._with_start_token(rows["input_ids"], rows["attention_mask"])
-        eos = self.config.eos_token_id
-        stop_ids = ([] if eos is None else [eos] if isinstance(eos, int) else list(eos)) + list(stop_token_ids or [])
-        if not stop_ids:
-            raise ValueError("no stop token: config.eos_token_id is None and stop_token_ids is empty")
-        stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=tokens.device)
-        pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        stop_ids = stop_token_tensor(self.config.eos_token_id, stop_token_ids, tokens.device)
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else int(stop_ids[0])
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if use_cache else None
-        step_input = tokens
-        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        generated: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            hidden = self._decode(contexts, step_input, mask, key_bias, cache=cache)
-            next_token = self.lm_head(hidden[:, -1]).argmax(-1).masked_fill(finished, pad_token_id)
-            generated.append(next_token)
-            finished |= torch.isin(next_token, stop_ids)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step_input = next_token[:, None] if use_cache else tokens
-            if _all_ranks_done(finished):
-                break
-        output = torch.stack(generated, dim=1)
+
+        def next_logits(step_input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(self._decode(contexts, step_input, mask, key_bias, cache=cache)[:, -1])
+
+        output = greedy_decode(next_logits, tokens, mask, stop_ids, pad_token_id, max_new_tokens, use_cache)
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
             output = output.reshape(-1, masks_per_query, output.shape[1])
         return output
