@@ -277,15 +277,21 @@ class Slurm:
         return self.job(job_id)
 
     def wait_training(self, job_id: str, log: Path, condition: Callable[[], bool], what: str) -> None:
-        """Wait for `condition` while the job runs; fail at once, with its log, if it ends first."""
+        """Wait for `condition` (checked often: the test signals the job as soon as it holds)
+        while the job runs; fail at once, with its log, if it ends first (checked each second)."""
+        checked_at = time.monotonic()
+
         def reached() -> bool:
+            nonlocal checked_at
             if condition():
                 return True
-            info = self.job(job_id)
-            assert info["JobState"] not in ENDED, f"job {job_id} ended ({info['JobState']}) before {what}:\n{log.read_text()[-6000:]}"
+            if time.monotonic() - checked_at > 1:
+                checked_at = time.monotonic()
+                state = self.job(job_id)["JobState"]
+                assert state not in ENDED, f"job {job_id} ended ({state}) before {what}:\n{log.read_text()[-6000:]}"
             return False
 
-        wait_for(reached, what, every=0.5)
+        wait_for(reached, what, every=0.1)
 
     def stop_all_jobs(self) -> None:
         """Cancel whatever is left and wait until no job holds the node (its slurmstepd
