@@ -6,15 +6,21 @@ generated slurm.conf; sshd serves DeepSpeed's pdsh launcher; torchrun forms two 
 exported reranker is compared with that of one uninterrupted `launch/torchrun.sh --nproc-per-node
 2` run: the result must not depend on the launcher, the rendezvous or a preemption.
 
+The daemons and the reference run are started once per session; each launcher trains once (a
+start of the trainer costs far more than its steps, so the Slurm job is interrupted twice rather
+than submitted twice).
+
 These tests need root and the daemons' binaries (`.ci/run` installs them); without them they are
 skipped with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,9 +41,10 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 EVAL_FILE = ROOT / "configs" / "data" / "toy_test.jsonl"
-MAX_STEPS = 16
-# Every run: the same steps and checkpoints; the seed and data come from the config.
-TRAIN_OVERRIDES = [f"train.max_steps={MAX_STEPS}", "train.save_every=4", "train.log_every=1"]
+MAX_STEPS = 12
+# Every run: the same steps; the seed and data come from the config. No periodic checkpoint: the
+# only ones an interrupted run can resume from are those its signals made it write.
+TRAIN_OVERRIDES = [f"train.max_steps={MAX_STEPS}", "train.save_every=0", "train.log_every=1"]
 TIMEOUT = 300
 
 
@@ -75,17 +82,45 @@ def trainer_args(out_dir: Path) -> list[str]:
     return ["--config", str(CONFIG), f"output_dir={out_dir}", *TRAIN_OVERRIDES]
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(0.2)
+        time.sleep(every)
 
 
-def logged_steps(out_dir: Path) -> int:
+def logged_steps(out_dir: Path) -> list[int]:
+    """The steps in metrics.jsonl so far (complete lines only: the trainer may be writing)."""
     path = out_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def run_launches(commands: list[list[str]], env: dict[str, str]) -> list[str]:
+    """Run launcher commands side by side to the end; returns their output. Each runs in a
+    session of its own so that a failure or timeout here stops its whole tree (torchrun passes
+    SIGTERM on to its workers) instead of leaving trainers behind."""
+    procs = [
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+        for command in commands
+    ]
+    try:
+        logs = [proc.communicate(timeout=TIMEOUT)[0] for proc in procs]
+    except BaseException:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, f"{proc.args}: exit {proc.returncode}\n{log[-6000:]}"
+    return logs
 
 
 def assert_same_reranker(out_dir: Path, reference: Path) -> None:
@@ -103,14 +138,12 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
     """One node, two processes, never interrupted: the weights every other launch must reach."""
     out = tmp_path_factory.mktemp("reference")
-    checked(subprocess.run(
-        ["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--", *trainer_args(out)],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=TIMEOUT,
-    ))
+    run_launches([["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--", *trainer_args(out)]], job_env())
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
     return out
 
 
@@ -124,18 +157,12 @@ def test_torchrun_two_nodes_match_one_node(tmp_path, reference):
     launches: the same reranker as one node of two processes."""
     endpoint = f"127.0.0.1:{free_port()}"
     out = tmp_path / "run"
-    nodes = [
-        subprocess.Popen(
-            ["bash", "launch/torchrun.sh", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
-             "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "--", *trainer_args(out)],
-            cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+    run_launches([
+        ["bash", "launch/torchrun.sh", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+         "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "--", *trainer_args(out)]
         for rank in range(2)
-    ]
-    logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
-    for node, log in zip(nodes, logs):
-        assert node.returncode == 0, log[-6000:]
-    assert logged_steps(out) == MAX_STEPS
+    ], job_env())
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
     assert_same_reranker(out, reference)
 
 
@@ -144,7 +171,7 @@ def test_torchrun_two_nodes_match_one_node(tmp_path, reference):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
     """sshd on a free loopback port with a host key and a client key made here. Returns a
     directory holding an `ssh` that uses them (put it first on PATH: DeepSpeed's ssh check and
@@ -193,13 +220,12 @@ def test_deepspeed_launcher_over_ssh(tmp_path, reference, sshd):
     ds_env.write_text("DS_ACCELERATOR=cpu\n")  # DeepSpeed forwards only a few variables by itself
     out = tmp_path / "run"
     env = job_env(PATH=f"{sshd}:{os.environ['PATH']}", DS_ENV_FILE=str(ds_env))
-    result = checked(subprocess.run(
+    [log] = run_launches([
         ["bash", "launch/deepspeed.sh", "--hostfile", str(hostfile), "--master-port", str(free_port()),
-         "--cpus-per-node", "1", "--", *trainer_args(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
-    ))
-    assert "pdsh" in result.stdout + result.stderr  # the multi-node path ran, not a local launch
-    assert logged_steps(out) == MAX_STEPS
+         "--cpus-per-node", "1", "--", *trainer_args(out)]
+    ], env)
+    assert "pdsh" in log  # the multi-node path ran, not a local launch
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
     assert_same_reranker(out, reference)
 
 
@@ -207,9 +233,10 @@ def test_deepspeed_launcher_over_ssh(tmp_path, reference, sshd):
 # Slurm: a one-node cluster on localhost
 # ---------------------------------------------------------------------------------------------
 
-SLURM_BINARIES = ["munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo"]
+SLURM_BINARIES = ["munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue"]
 # What a CPU site passes instead of editing the template (no GPUs to request, fewer cores).
 CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=2"]
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
 @dataclass
@@ -235,24 +262,48 @@ class Slurm:
         fields = self.run("scontrol", "show", "job", "-o", job_id).split()
         return dict(field.split("=", 1) for field in fields if "=" in field)
 
-    def wait_done(self, job_id: str, restarts: int = 0) -> dict[str, str]:
-        """Wait until the job has ended after `restarts` requeues. A requeued job waits for its
-        begin time (now + 2 min); the test moves it to now instead of waiting."""
-        ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-
+    def wait_done(self, job_id: str, restarts: int) -> dict[str, str]:
+        """Wait until the job has ended after `restarts` requeues."""
         def done() -> bool:
             info = self.job(job_id)
-            if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"jobid={job_id}", "starttime=now")
-            return info["JobState"] in ended and int(info["Restarts"]) == restarts
+            return info["JobState"] in ENDED and int(info["Restarts"]) == restarts
 
-        wait_for(done, f"job {job_id} to end after {restarts} requeue(s)")
+        wait_for(done, f"job {job_id} to end after {restarts} requeue(s)", every=0.5)
         return self.job(job_id)
 
+    def wait_training(self, job_id: str, log: Path, condition: Callable[[], bool], what: str) -> None:
+        """Wait for `condition` (checked often: the test signals the job as soon as it holds)
+        while the job runs; fail at once, with its log, if it ends first (checked each second)."""
+        checked_at = time.monotonic()
 
-@pytest.fixture(scope="module")
+        def reached() -> bool:
+            nonlocal checked_at
+            if condition():
+                return True
+            if time.monotonic() - checked_at > 1:
+                checked_at = time.monotonic()
+                state = self.job(job_id)["JobState"]
+                assert state not in ENDED, f"job {job_id} ended ({state}) before {what}:\n{log.read_text()[-6000:]}"
+            return False
+
+        wait_for(reached, what, every=0.1)
+
+    def stop_all_jobs(self) -> None:
+        """Cancel whatever is left and wait until no job holds the node (its slurmstepd
+        processes exit with it; stopping slurmd alone would leave them behind)."""
+        env = self.env()
+        subprocess.run(["scancel", "--full", "--partition=local"], env=env, capture_output=True, timeout=60)
+
+        def idle() -> bool:
+            queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=60)
+            return queue.returncode == 0 and not queue.stdout.strip()
+
+        wait_for(idle, "the cancelled jobs to leave the node", 120, every=0.5)
+
+
+@pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """munged, slurmctld and slurmd in the foreground of this test module, on free ports, with
+    """munged, slurmctld and slurmd in the foreground of this test session, on free ports, with
     every file under a temporary directory; one node (this host, 2 CPUs, no GPUs)."""
     reason = missing(SLURM_BINARIES)
     if reason:
@@ -274,7 +325,10 @@ def slurm(tmp_path_factory):
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={socket_path}",
+        # A requeued job waits until the credentials of its last run have expired (120 s by
+        # default) before it starts again: a run started sooner is refused ("Job credential
+        # revoked"). Ten seconds are enough for steps that start at once on this machine.
+        f"AuthInfo=socket={socket_path},cred_expire=10",
         f"StateSaveLocation={base / 'state'}",
         f"SlurmdSpoolDir={base / 'spool'}",
         f"SlurmctldPidFile={base / 'slurmctld.pid'}",
@@ -289,11 +343,12 @@ def slurm(tmp_path_factory):
         "AccountingStorageType=accounting_storage/none",
         "MpiDefault=none",
         "SchedulerType=sched/builtin",
+        # A released job starts within a second, not at the next minute's scheduling pass.
+        "SchedulerParameters=sched_interval=1",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
         "ReturnToService=2",
         "MinJobAge=600",
-        "KillWait=30",
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN",
         f"PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP",
         "",
@@ -302,6 +357,7 @@ def slurm(tmp_path_factory):
         (base / directory).mkdir()
     env = job_env(SLURM_CONF=str(conf))
     daemons = []
+    cluster = Slurm(conf, base)
     try:
         daemons.append(subprocess.Popen(
             ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={socket_path}",
@@ -316,105 +372,92 @@ def slurm(tmp_path_factory):
             return out.strip() == "idle"
 
         wait_for(node_idle, "the Slurm node to come up idle", 60)
-        yield Slurm(conf, base)
+        yield cluster
     finally:
-        for daemon in reversed(daemons):
-            daemon.terminate()
-            daemon.wait(timeout=60)
+        try:
+            if len(daemons) == 3:
+                cluster.stop_all_jobs()
+        finally:
+            for daemon in reversed(daemons):
+                daemon.terminate()
+                daemon.wait(timeout=60)
 
 
-def test_slurm_train_and_eval(tmp_path, reference, slurm):
-    """train.sbatch, then eval.sbatch on its reranker, both submitted for real: the jobs end
-    COMPLETED with exit 0, the logs show the plan and the run, the trained reranker equals the
-    reference, and the evaluation's scores are the exported model's own forward."""
-    out = tmp_path / "run"
-    log = tmp_path / "train.log"
-    job = slurm.wait_done(slurm.submit("train.sbatch", log, *trainer_args(out)))
-    text = log.read_text()
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
-    assert f"# slurm job {job['JobId']} (restart 0): 1 node(s)" in text and "exported reranker to" in text
-    assert logged_steps(out) == MAX_STEPS
-    assert_same_reranker(out, reference)
-
+def test_slurm_eval_scores_are_the_rerankers_forward(tmp_path, reference, slurm):
+    """eval.sbatch on the reference's reranker, submitted for real: the job ends COMPLETED with
+    exit 0, every query is evaluated once, and the reranker scores are the exported model's own
+    forward."""
     eval_out = tmp_path / "eval"
     eval_log = tmp_path / "eval.log"
     job = slurm.wait_done(slurm.submit(
-        "eval.sbatch", eval_log, "--config", str(CONFIG), "--reranker", str(out / "reranker"),
+        "eval.sbatch", eval_log, "--config", str(CONFIG), "--reranker", str(reference / "reranker"),
         "--setting", "reranker", "--data", str(EVAL_FILE), "--out", str(eval_out),
-    ))
+    ), restarts=0)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), eval_log.read_text()[-6000:]
+    assert f"# slurm job {job['JobId']} (restart 0): 1 node(s)" in eval_log.read_text()
     records = [json.loads(line) for line in EVAL_FILE.read_text().splitlines()]
     predictions = [json.loads(line) for line in (eval_out / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in predictions) == sorted(r["id"] for r in records)  # each query once
-    model = AutoModelForSequenceClassification.from_pretrained(out / "reranker").eval()
-    tokenizer = AutoTokenizer.from_pretrained(out / "reranker")
-    data = load_config(CONFIG).data
+    model = AutoModelForSequenceClassification.from_pretrained(reference / "reranker").eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference / "reranker")
+    config = load_config(CONFIG)
     by_id = {r["id"]: r for r in records}
     for prediction in predictions[:8]:
         record = by_id[prediction["id"]]
-        passages = [data.passage_template.format(title=c["title"], text=c["text"]) for c in record["ctxs"]]
+        passages = [config.data.passage_template.format(title=c["title"], text=c["text"]) for c in record["ctxs"]]
         inputs = tokenizer([record["question"]] * len(passages), passages, truncation=True,
-                           max_length=load_config(CONFIG).reranker.max_length, padding=True, return_tensors="pt")
+                           max_length=config.reranker.max_length, padding=True, return_tensors="pt")
         with torch.no_grad():
             want = model(**inputs).logits[:, 0]
         got = torch.tensor(prediction["methods"]["reranker"]["scores"])
         assert torch.allclose(got, want, atol=1e-4), prediction["id"]
 
 
-def interrupted_run(slurm: Slurm, tmp_path: Path, signal_job: Callable[[str], None]) -> tuple[Path, Path, str]:
-    """Submit train.sbatch, let it log two steps, signal it with `signal_job`; returns the
-    output directory, the log and the job's final record."""
-    out = tmp_path / "run"
-    log = tmp_path / "train.log"
-    job_id = slurm.submit("train.sbatch", log, *trainer_args(out))
-    wait_for(lambda: logged_steps(out) >= 2, "the job's first two steps")
-    signal_job(job_id)
-    return out, log, job_id
+def resumed_steps(log: Path) -> list[int]:
+    """The step of every `resumed from ... at step N` line in the job's log, in order."""
+    return [int(line.rsplit(" ", 1)[1]) for line in log.read_text().splitlines() if line.startswith("resumed from")]
 
 
-def assert_resumed_exactly(out: Path, log: Path, reference: Path) -> None:
-    text = log.read_text()
-    assert "# slurm job" in text and "(restart 1)" in text, text[-6000:]
-    resumed = [line for line in text.splitlines() if line.startswith("resumed from")]
-    assert len(resumed) == 1, text[-6000:]
-    step = int(resumed[0].rsplit(" ", 1)[1])
-    assert 2 <= step < MAX_STEPS, resumed  # stopped by the signal, not at the end
-    assert (out / "checkpoints" / "latest").read_text() == f"step_{MAX_STEPS}"
-    assert_same_reranker(out, reference)
-
-
-def test_slurm_step_signal_then_requeue_resumes_exactly(tmp_path, reference, slurm):
-    """`scancel --signal=USR1` reaches the job's processes: the trainer finishes its step,
-    checkpoints and exits, the job completes; `scontrol requeue` brings it back, it continues from
-    that checkpoint (--resume auto) and ends with the uninterrupted run's weights."""
-    def signal_steps(job_id: str) -> None:
-        slurm.run("scancel", "--signal=USR1", job_id)
-
-    out, log, job_id = interrupted_run(slurm, tmp_path, signal_steps)
-    job = slurm.wait_done(job_id)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-6000:]
-    stopped = (out / "checkpoints" / "latest").read_text()
-    assert stopped != f"step_{MAX_STEPS}", "the signal came after the last step"
-    slurm.run("scontrol", "requeue", job_id)
-    job = slurm.wait_done(job_id, restarts=1)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-6000:]
-    assert f"resumed from {out / 'checkpoints' / stopped} at step" in log.read_text()
-    assert_resumed_exactly(out, log, reference)
-
-
-def test_slurm_time_limit_signal_requeues_and_resumes_exactly(tmp_path, reference, slurm):
-    """The template's `--signal=B:USR1@600` path: Slurm sends SIGUSR1 to the batch shell only
-    (here at once, with `scancel --batch`), which stops the step with SIGTERM and requeues the
-    job itself; the job comes back, resumes and ends with the uninterrupted run's weights."""
+def test_slurm_train_preempted_and_time_limited_resumes_exactly(tmp_path, reference, slurm):
+    """One train.sbatch job, interrupted the two ways Slurm stops a job early, ends with the
+    uninterrupted run's weights:
+    1. preemption: `scancel --signal=USR1` reaches the step's processes; the trainers finish their
+       step, checkpoint and exit, the job completes; `scontrol requeue` brings it back and it
+       continues from that checkpoint (--resume auto);
+    2. time limit: the template's `--signal=B:USR1@600` sends SIGUSR1 to the batch shell alone
+       (here at once, with `scancel --batch`), which has srun pass it to the trainers, waits for
+       their checkpoint and requeues the job itself; the job comes back and continues again.
+    With no periodic checkpoint (save_every=0), only the checkpoints the signals made exist."""
     template = (ROOT / "launch" / "slurm" / "train.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@" in template and "#SBATCH --requeue" in template
+    out = tmp_path / "run"
+    log = tmp_path / "train.log"
+    ckpt = out / "checkpoints"
+    job_id = slurm.submit("train.sbatch", log, *trainer_args(out))
 
-    def signal_batch_shell(job_id: str) -> None:
-        slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    # 1. a step signal, then a requeue from outside
+    slurm.wait_training(job_id, log, lambda: len(logged_steps(out)) >= 2, "the first two steps")
+    slurm.run("scancel", "--signal=USR1", job_id)
+    job = slurm.wait_done(job_id, restarts=0)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-6000:]
+    first_stop = logged_steps(out)[-1]
+    assert first_stop < MAX_STEPS, "the step signal came after the last step"
+    assert (ckpt / "latest").read_text() == f"step_{first_stop}"  # the signal's checkpoint
+    slurm.run("scontrol", "requeue", job_id)
 
-    out, log, job_id = interrupted_run(slurm, tmp_path, signal_batch_shell)
-    job = slurm.wait_done(job_id, restarts=1)
+    # 2. once it trains again: the time-limit signal to the batch shell
+    slurm.wait_training(job_id, log, lambda: resumed_steps(log) == [first_stop] and logged_steps(out)[-1] > first_stop,
+                        "a step after the first resume")
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    job = slurm.wait_done(job_id, restarts=2)
     text = log.read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text[-6000:]
-    assert f"# time limit near: requeueing job {job_id}" in text
-    assert_resumed_exactly(out, log, reference)
+    assert f"# time limit near: requeueing job {job_id} (srun exited with 0)" in text, text[-6000:]
+    for restart in range(3):
+        assert f"# slurm job {job_id} (restart {restart}): 1 node(s)" in text
+    first, second = resumed_steps(log)
+    assert first == first_stop and first < second < MAX_STEPS, (first_stop, first, second)
+    assert f"resumed from {ckpt / f'step_{second}'} at step {second}" in text
+    assert "exported reranker to" in text and (ckpt / "latest").read_text() == f"step_{MAX_STEPS}"
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))  # every step once: none lost, none redone
+    assert_same_reranker(out, reference)

@@ -427,7 +427,8 @@ def start_fake_job(tmp_path: Path):
     bin_dir = stub_bin(
         tmp_path,
         scontrol=SCONTROL_ONE_HOST + f'echo "scontrol $*" >> "{log}"\n',
-        srun=f'trap \'echo "srun got TERM" >> "{log}"; kill "$sleeper"; exit 0\' TERM\n'
+        srun=f'trap \'echo "srun got TERM" >> "{log}"; kill "$sleeper"; exit 137\' TERM\n'
+        f'trap \'echo "srun got USR1" >> "{log}"; kill "$sleeper"; exit 0\' USR1\n'
         'sleep 60 &\nsleeper=$!\n'
         f'echo "srun started" >> "{log}"\n'
         "wait\n",
@@ -446,11 +447,15 @@ def start_fake_job(tmp_path: Path):
 
 @pytest.mark.parametrize("signum, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
 def test_slurm_signal_stops_the_step_and_requeues_only_on_time_limit(tmp_path, signum, requeued):
+    """The batch shell asks srun for SIGUSR1 (forwarded to the trainers, which checkpoint), never
+    SIGTERM (srun kills the step at once), and requeues only after srun has returned."""
     job, log = start_fake_job(tmp_path)
     job.send_signal(signum)
     output, _ = job.communicate(timeout=30)
     calls = log.read_text().splitlines()
-    assert "srun got TERM" in calls, output
+    assert "srun got USR1" in calls and "srun got TERM" not in calls, output
+    if requeued:
+        assert calls.index("srun got USR1") < calls.index("scontrol requeue 31"), calls
     assert ("scontrol requeue 31" in calls) is requeued, calls
     assert job.returncode == 0, output
 

@@ -109,15 +109,19 @@ slurm_main() {
   run_srun_with_requeue "${srun_command[@]}"
 }
 
+# Ask the step to stop: srun forwards SIGUSR1 to every process of the step, and the trainers
+# finish their step, checkpoint and exit 0 (torchrun ignores SIGUSR1, see launch/torchrun.sh).
+# SIGTERM would not do: srun answers it by killing the step at once ("forcing job termination"),
+# before any checkpoint is written.
 stop_step() {
-  [[ -z $SRUN_PID ]] || kill -TERM "$SRUN_PID" 2>/dev/null || true
+  [[ -z $SRUN_PID ]] || kill -USR1 "$SRUN_PID" 2>/dev/null || true
 }
 
 # Run srun in the background so the batch shell can take signals while it runs:
-#   SIGUSR1 (sent by `#SBATCH --signal=B:USR1@SECONDS` before the time limit): stop the step with
-#     SIGTERM (torchrun passes it on to the trainer processes), then requeue the job; the
-#     requeued run continues from the last checkpoint with --resume auto.
-#   SIGTERM (preemption, scancel): stop the step the same way, without requeueing; Slurm requeues
+#   SIGUSR1 (sent by `#SBATCH --signal=B:USR1@SECONDS` before the time limit): stop the step as
+#     above, wait until the trainers have checkpointed and srun has returned, then requeue the
+#     job; the requeued run continues from that checkpoint with --resume auto.
+#   SIGTERM (scancel, preemption): stop the step the same way, without requeueing; Slurm requeues
 #     preempted --requeue jobs itself.
 run_srun_with_requeue() {
   local requeue=0 status
