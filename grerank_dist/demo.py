@@ -33,6 +33,7 @@ from grerank_dist.plots import plot_mask_weight, plot_metric_history
 from grerank_dist.reader import (
     DEMO_CONFIGS,
     READER_GENERATORS,
+    READER_TRAINING_FILE,
     REPORT_CONDITIONS,
     ReaderConfig,
     build_reader_tokenizer,
@@ -135,6 +136,7 @@ def run_demo(
         del reader_records
     else:
         t = _stage(f"2/5 reader: reuse the frozen reader in {reader}")
+        check_reader_family(reader, generator)
     config.generator.path = str(reader)
     reader_model, reader_tokenizer = load_reader(reader, config.data)
     reader_subem = reader_report(reader_model, reader_tokenizer, test_records, config.data,
@@ -180,6 +182,17 @@ def run_demo(
         write_report(out_dir, summary, settings, history, result.reranker_dir)
     print(f"\ndemo finished in {timings['total_s']:.0f}s; outputs in {out_dir}", flush=True)
     return summary
+
+
+def check_reader_family(reader: Path, generator: str) -> None:
+    """A reused reader must be of the family the demo runs: its input format (templates,
+    document length) follows the family, so a CEPE reader read as FiD would answer from garbage."""
+    training = Path(reader) / READER_TRAINING_FILE
+    if not training.is_file():
+        return  # a reader trained elsewhere: its config.json alone decides how it loads
+    trained = json.loads(training.read_text()).get("reader", {}).get("generator", "cepe")
+    if trained != generator:
+        raise ValueError(f"{training}: field reader.generator is {trained!r}, but the demo runs --generator {generator}")
 
 
 def weak_start(config: TrainConfig, reranker: Path, steps: int, out_dir: Path) -> Path:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_train import ROOT, check, clean_env
 
 
@@ -101,3 +102,12 @@ def test_reproduction_report_keeps_each_reader_family_in_its_own_section(tmp_pat
     assert text.index(cepe_start) < text.index(cepe_end) < text.index(fid_start) < text.index(fid_end)
     assert "new cepe command" in text and "fid command" in text and "\n    cepe command" not in text
     assert "Reproduction over seeds, FiD reader" in text.split(fid_start)[1]
+
+
+def test_a_reused_reader_must_match_the_demo_generator(tmp_path):
+    from grerank_dist.demo import check_reader_family
+
+    (tmp_path / "reader_training.json").write_text(json.dumps({"reader": {"generator": "cepe"}}))
+    check_reader_family(tmp_path, "cepe")
+    with pytest.raises(ValueError, match="reader.generator is 'cepe', but the demo runs --generator fid"):
+        check_reader_family(tmp_path, "fid")
