@@ -15,7 +15,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("grerank_dist.demo", "the embedded end-to-end demo on CPU: synthetic data, reader, G-Rerank, evaluation"),
-    "train-reader": ("grerank_dist.reader", "train the tiny CEPE reader (generator) on synthetic records and report its SubEM"),
+    "train-reader": ("grerank_dist.reader", "train the tiny CEPE or FiD reader (generator) on synthetic records and report its SubEM"),
     "train": ("grerank_dist.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
     "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
     "mine": ("grerank_dist.mine", "relevance mining (App. F): learn per-document weights per query against the scalar baselines"),

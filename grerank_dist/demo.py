@@ -1,11 +1,12 @@
 """`grerank demo`: the whole system on a laptop CPU in minutes, through the real code paths.
 
-    grerank demo [--out runs/demo] [--seed 0] [--quick] [--reader DIR] [--initial DIR] [key=value ...]
+    grerank demo [--out runs/demo] [--seed 0] [--quick] [--generator cepe|fid] [--reader DIR] [--initial DIR] [key=value ...]
 
 1. make the synthetic multi-hop benchmark (bridge questions whose answer needs a document that
    does not contain it, and comparison questions);
-2. train a tiny CEPE-architecture reader on it and freeze it (its SubEM with both gold
-   documents, each alone, all candidates and none is reported); ``--reader`` reuses one;
+2. train a tiny reader on it, CEPE or (``--generator fid``, configs/demo_fid.yaml) FiD, and
+   freeze it (its SubEM with both gold documents, each alone, all candidates and none is
+   reported); ``--reader`` reuses one;
 3. give a random-init tiny cross-encoder a weak start (a short distillation of the retriever's
    scores, ``train.objective=retriever_distillation``; ``--initial`` reuses one), then train it
    with G-Rerank through the real trainer (DeepSpeed, ZeRO-3 generator engine, the same code as
@@ -29,14 +30,23 @@ from grerank_dist.data import read_records
 from grerank_dist.evaluate import evaluate
 from grerank_dist.metrics import metrics_table_markdown
 from grerank_dist.plots import plot_mask_weight, plot_metric_history
-from grerank_dist.reader import REPORT_CONDITIONS, ReaderConfig, build_reader_tokenizer, load_reader, reader_report, train_reader
+from grerank_dist.reader import (
+    DEMO_CONFIGS,
+    READER_GENERATORS,
+    READER_TRAINING_FILE,
+    REPORT_CONDITIONS,
+    ReaderConfig,
+    build_reader_tokenizer,
+    load_reader,
+    reader_data,
+    reader_report,
+    train_reader,
+)
 from grerank_dist.reranker import export_reranker, tiny_reranker
 from grerank_dist.synthetic import generate_records, split_seed, write_synthetic_splits
 from grerank_dist.tracking import read_metrics
 from grerank_dist.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 # Sizes: the full demo (about 10 minutes on 2 cores) and a quick pass through every stage. The
 # reader gets its own, larger split: on 3,000 queries a tiny reader memorises the training
@@ -84,9 +94,11 @@ def run_demo(
     overrides: list[str] | None = None,
     reader: Path | None = None,
     initial: Path | None = None,
+    generator: str = "cepe",
 ) -> dict[str, Any]:
-    """Run every stage (reusing the frozen ``reader`` and the ``initial`` reranker if given);
-    returns the summary also written to ``out_dir/summary.json``."""
+    """Run every stage with a ``generator`` ("cepe" or "fid") reader (reusing the frozen
+    ``reader`` and the ``initial`` reranker if given); returns the summary also written to
+    ``out_dir/summary.json``."""
     sizes = QUICK if quick else FULL
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -95,8 +107,10 @@ def run_demo(
     t = _stage("1/5 synthetic multi-hop data")
     splits = write_synthetic_splits(out_dir / "data", sizes["splits"], seed)
     mining_file = _write_subset(splits["train"], out_dir / "data" / "mining.jsonl", sizes["mining"])
+    if generator not in READER_GENERATORS:
+        raise ValueError(f"--generator must be one of {', '.join(READER_GENERATORS)}, got {generator!r}")
     config = load_config(
-        DEMO_CONFIG,
+        DEMO_CONFIGS[generator],
         [
             f"output_dir={out_dir / 'train'}",
             f"seed={seed}",
@@ -107,22 +121,24 @@ def run_demo(
             *(overrides or []),
         ],
     )
+    config.data = reader_data(config.data, generator)
     timings["data_s"] = time.perf_counter() - t
 
     records, _ = read_records(splits["train"], config.data.n_candidates, candidate_order=config.data.candidate_order)
     test_records, _ = read_records(splits["test"], config.data.n_candidates, candidate_order=config.data.candidate_order)
     if reader is None:
-        t = _stage("2/5 reader: train the tiny CEPE generator, then freeze it")
+        t = _stage(f"2/5 reader: train the tiny {generator} generator, then freeze it")
         reader_records = generate_records(sizes["reader_queries"], split_seed(seed, "reader"))
-        reader_config = ReaderConfig(steps=sizes["reader_steps"], seed=seed)
+        reader_config = ReaderConfig(steps=sizes["reader_steps"], seed=seed, generator=generator)
         # the synthetic vocabulary covers every split, so the train split's texts suffice here
-        reader = train_reader(reader_records, build_reader_tokenizer(records, config.data), reader_config,
+        reader = train_reader(reader_records, build_reader_tokenizer(records, config.data, generator), reader_config,
                               out_dir / "reader", data=config.data)
         del reader_records
     else:
         t = _stage(f"2/5 reader: reuse the frozen reader in {reader}")
+        check_reader_family(reader, generator)
     config.generator.path = str(reader)
-    reader_model, reader_tokenizer = load_reader(reader)
+    reader_model, reader_tokenizer = load_reader(reader, config.data)
     reader_subem = reader_report(reader_model, reader_tokenizer, test_records, config.data,
                                  max_new_tokens=config.generator.max_new_tokens)
     del reader_model
@@ -155,6 +171,7 @@ def run_demo(
     timings["total_s"] = time.perf_counter() - started  # all but writing the report
     summary = {
         "seed": seed,
+        "generator": generator,
         "sizes": sizes,
         "reader": reader_subem,
         "settings": {name: res.metrics for name, res in settings.items()},
@@ -165,6 +182,17 @@ def run_demo(
         write_report(out_dir, summary, settings, history, result.reranker_dir)
     print(f"\ndemo finished in {timings['total_s']:.0f}s; outputs in {out_dir}", flush=True)
     return summary
+
+
+def check_reader_family(reader: Path, generator: str) -> None:
+    """A reused reader must be of the family the demo runs: its input format (templates,
+    document length) follows the family, so a CEPE reader read as FiD would answer from garbage."""
+    training = Path(reader) / READER_TRAINING_FILE
+    if not training.is_file():
+        return  # a reader trained elsewhere: its config.json alone decides how it loads
+    trained = json.loads(training.read_text()).get("reader", {}).get("generator", "cepe")
+    if trained != generator:
+        raise ValueError(f"{training}: field reader.generator is {trained!r}, but the demo runs --generator {generator}")
 
 
 def weak_start(config: TrainConfig, reranker: Path, steps: int, out_dir: Path) -> Path:
@@ -226,8 +254,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the noise")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a pass through every stage in about a minute")
+    parser.add_argument("--generator", choices=READER_GENERATORS, default="cepe",
+                        help="reader family: cepe (configs/demo.yaml) or fid (configs/demo_fid.yaml)")
     parser.add_argument("--reader", type=Path, help="reuse this frozen reader directory instead of training one "
-                        "(it must come from the same --seed, whose data the demo regenerates)")
+                        "(it must come from the same --seed and --generator, whose data the demo regenerates)")
     parser.add_argument("--initial", type=Path, help="start from this reranker directory instead of making a weak "
                         "start (e.g. an earlier run's weak_start/reranker, same --seed)")
     parser.add_argument("overrides", nargs="*", help="training config overrides as dotted key=value")
@@ -235,5 +265,5 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_demo(Path(args.out), seed=args.seed, quick=args.quick, overrides=args.overrides, reader=args.reader,
-             initial=args.initial)
+             initial=args.initial, generator=args.generator)
     return 0

@@ -1,7 +1,7 @@
-"""Train a tiny CEPE-architecture reader (the generator G-Rerank later freezes) and measure
-whether it really reads both hops.
+"""Train a tiny reader (the generator G-Rerank later freezes), CEPE or FiD, and measure whether
+it really reads both hops.
 
-    grerank train-reader --train-file data/train.jsonl --out runs/reader [--eval-file data/dev.jsonl]
+    grerank train-reader --train-file data/train.jsonl --out runs/reader [--eval-file data/dev.jsonl] [--generator fid]
 
 G-Rerank can only credit a document the reader *uses*; a reader that copies a city from any
 birth document gives the bridge document no signal. So the recipe here is built against that
@@ -19,8 +19,12 @@ shortcut (DESIGN section 8):
 * :func:`reader_report` measures SubEM with both gold documents, each alone, all candidates and
   none, per question type, through ``generate`` with hard 0/-inf masks over all candidates.
 
-Plain torch, one process, AdamW; the model is the project's CEPE class, so the saved directory
-loads with ``CepeForCausalContextLM.from_pretrained`` like any released checkpoint.
+Plain torch, one process, AdamW. The model is the project's CEPE class (``generator="cepe"``)
+or its FiD class (``"fid"``, a T5 Fusion-in-Decoder whose input format, the question in every
+document, an empty prompt and the answer + EOS, comes from the FiD family); both train and are
+scored through the generator interface (``encode_contexts``, ``answer_logprobs``, ``generate``),
+and the saved directory loads through :func:`grerank_dist.models.load_generator` like any
+released checkpoint.
 """
 
 from __future__ import annotations
@@ -40,13 +44,20 @@ import torch
 
 from grerank_dist.config import DataConfig, load_config
 from grerank_dist.data import Collator, read_records
+from grerank_dist.generator import InputFormat
 from grerank_dist.metrics import substring_exact_match
+from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config
+from grerank_dist.models.fid import FID_FORMAT, FidForConditionalGeneration, tiny_fid_config
 from grerank_dist.synthetic import synthetic_vocabulary
 from grerank_dist.tokenization import build_word_tokenizer, split_words
 
 READER_TRAINING_FILE = "reader_training.json"
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+READER_GENERATORS = ("cepe", "fid")
+# The demo's training config per reader family: FiD's documents also hold the question, so they
+# need more tokens (the longest synthetic one is 43 words).
+DEMO_CONFIGS = {name: Path(__file__).resolve().parents[1] / "configs" / f"demo{suffix}.yaml"
+                for name, suffix in (("cepe", ""), ("fid", "_fid"))}
 REPORT_CONDITIONS = ("both_gold", "answer_doc", "bridge_doc", "all_candidates", "no_documents")
 
 
@@ -60,6 +71,10 @@ class ReaderConfig:
     plus 0..``subset_max_negatives`` negatives. The gold-only phase is 2,800 steps because the
     hop can appear late: on the demo's seed 2 the loss left the coin-flip plateau only around
     step 2,300, after the earlier 2,100-step phase had ended.
+
+    ``generator``: "cepe" (encoder_layers of bidirectional encoder, decoder_layers of decoder
+    with cross-attention in every layer) or "fid" (T5 with encoder_layers + decoder_layers and
+    tied embeddings, so ``align_embeddings`` has nothing left to copy).
     """
 
     hidden_size: int = 64
@@ -78,8 +93,11 @@ class ReaderConfig:
     subset_max_negatives: int = 3
     align_embeddings: bool = True
     seed: int = 0
+    generator: str = "cepe"
 
     def __post_init__(self) -> None:
+        if self.generator not in READER_GENERATORS:
+            raise ValueError(f"ReaderConfig.generator must be one of {', '.join(READER_GENERATORS)}, got {self.generator!r}")
         for name in ("hidden_size", "intermediate_size", "encoder_layers", "decoder_layers", "attention_heads", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ReaderConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -94,22 +112,49 @@ class ReaderConfig:
             raise ValueError("ReaderConfig.steps, subset_max_negatives and warmup_steps must be >= 0")
 
 
-def build_reader_tokenizer(records: list[dict[str, Any]], data: DataConfig) -> Any:
-    """A word-level decoder tokenizer over the records, the templates and the synthetic vocabulary
-    (so that every split of the synthetic benchmark tokenises without unknown words)."""
+def reader_data(data: DataConfig, generator: str) -> DataConfig:
+    """The data settings a reader of ``generator``'s family trains and is read with: FiD's input
+    format comes from its family (:data:`grerank_dist.models.fid.FID_FORMAT`); CEPE reads the
+    config's templates. ``doc_max_tokens`` and the rest stay the config's."""
+    if generator not in READER_GENERATORS:
+        raise ValueError(f"reader generator must be one of {', '.join(READER_GENERATORS)}, got {generator!r}")
+    if generator == "fid":
+        return dataclasses.replace(data, doc_template=FID_FORMAT.doc_template,
+                                   prompt_template=FID_FORMAT.prompt_template, answer_eos=FID_FORMAT.answer_eos)
+    return data
+
+
+def reader_input_format(model: torch.nn.Module, data: DataConfig) -> InputFormat:
+    """How the Collator lays out a record for ``model``: the data's templates; BOS before the
+    prompt for CEPE, none for an encoder-decoder (its decoder starts from its start token)."""
+    return InputFormat(data.doc_template, data.prompt_template, prompt_bos=not model.config.is_encoder_decoder)
+
+
+def build_reader_tokenizer(records: list[dict[str, Any]], data: DataConfig, generator: str = "cepe") -> Any:
+    """A word-level tokenizer (decoder-style for CEPE, T5-style for FiD) over the records, the
+    templates and the synthetic vocabulary (so that every split of the synthetic benchmark
+    tokenises without unknown words)."""
     texts = [data.prompt_template, data.doc_template]
     texts += synthetic_vocabulary()
     for record in records:
         texts.append(record["question"])
         texts += record["answers"]
         texts += [f"{ctx['title']} {ctx['text']}" for ctx in record["ctxs"]]
-    return build_word_tokenizer(texts, "decoder")
+    return build_word_tokenizer(texts, "seq2seq" if generator == "fid" else "decoder")
 
 
-def build_reader(tokenizer: Any, config: ReaderConfig) -> CepeForCausalContextLM:
-    """A random-init CEPE (bidirectional encoder + cross-attending decoder) sized by ``config``."""
+def build_reader(tokenizer: Any, config: ReaderConfig) -> CepeForCausalContextLM | FidForConditionalGeneration:
+    """A random-init reader sized by ``config``: CEPE (bidirectional encoder + cross-attending
+    decoder) or FiD (T5)."""
     torch.manual_seed(config.seed)
     heads = config.attention_heads
+    if config.generator == "fid":
+        return FidForConditionalGeneration(tiny_fid_config(
+            vocab_size=len(tokenizer), d_model=config.hidden_size, d_kv=config.hidden_size // heads,
+            d_ff=config.intermediate_size, num_layers=config.encoder_layers, num_decoder_layers=config.decoder_layers,
+            num_heads=heads, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        ))
     model_config = tiny_cepe_config(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
@@ -188,7 +233,7 @@ def fit_reader(
     steps: int | None = None,
     data: DataConfig | None = None,
     log_every: int = 100,
-) -> tuple[CepeForCausalContextLM, dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train a reader on ``records`` (``steps`` overrides ``config.steps``); returns the frozen
     model and a summary (recipe, data templates, loss curve, wall time)."""
     data = data or DataConfig()
@@ -197,12 +242,13 @@ def fit_reader(
         raise ValueError("fit_reader needs at least one training record")
     n_all = max(len(r["ctxs"]) for r in records)
     n_gold = max(len(_gold_positions(r)) for r in records)
+    model = build_reader(tokenizer, config)
+    input_format = reader_input_format(model, data)
     collators = {
-        size: Collator(dataclasses.replace(data, n_candidates=size), tokenizer, None, 0, seed=config.seed)
+        size: Collator(dataclasses.replace(data, n_candidates=size), tokenizer, None, 0, seed=config.seed,
+                       input_format=input_format)
         for size in (n_all, n_gold, n_gold + config.subset_max_negatives)
     }
-
-    model = build_reader(tokenizer, config)
     model.requires_grad_(True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -220,14 +266,11 @@ def fit_reader(
             max_negatives = 0 if gold_only else config.subset_max_negatives
             views = [sample_view(records[i], rng, max_negatives) for i in ids]
             batch = collators[n_gold + max_negatives](views, ids)
-        loss = model(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.labels,
-            encoder_input_ids=batch.encoder_input_ids,
-            encoder_attention_mask=batch.encoder_attention_mask,
-            doc_log_mask=_log_mask(batch.valid),
-        ).loss
+        # the generator interface, as G-Rerank uses it; gradients reach every parameter here
+        contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+        loss = model.answer_logprobs(
+            contexts, batch.input_ids, batch.attention_mask, batch.labels, _log_mask(batch.valid)
+        ).token_mean_nll()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -295,7 +338,7 @@ def _decode(tokenizer: Any, token_ids: torch.Tensor) -> str:
 
 @torch.no_grad()
 def reader_report(
-    model: CepeForCausalContextLM,
+    model: torch.nn.Module,
     tokenizer: Any,
     records: list[dict[str, Any]],
     data: DataConfig | None = None,
@@ -306,13 +349,18 @@ def reader_report(
 
     Every candidate is encoded; the conditions are hard masks over them (0 keeps a document,
     -inf removes it exactly): both gold documents, the answer document alone, the bridge
-    document alone, all candidates; and no documents at all (decoder alone). A condition that
-    selects nothing for a record (e.g. no bridge document) is not scored for that record.
+    document alone, all candidates; and no documents at all: the decoder alone when its prompt
+    holds the question (CEPE), else one empty passage, i.e. the question alone, since FiD's
+    question reaches the model only through its documents. A condition that selects nothing
+    for a record (e.g. no bridge document) is not scored for that record.
     Returns ``{type: {condition: subem, ..., "queries": count}}`` with the type "all".
     """
     data = data or DataConfig()
     n = max(len(r["ctxs"]) for r in records)
-    collate = Collator(dataclasses.replace(data, n_candidates=n), tokenizer, None, 0)
+    input_format = reader_input_format(model, data)
+    collate = Collator(dataclasses.replace(data, n_candidates=n), tokenizer, None, 0, input_format=input_format)
+    question_in_prompt = "{question}" in data.prompt_template
+    collate_question = Collator(dataclasses.replace(data, n_candidates=1), tokenizer, None, 0, input_format=input_format)
     model.eval()
     scores: dict[str, dict[str, list[float]]] = {}
     for start in range(0, len(records), batch_size):
@@ -326,7 +374,12 @@ def reader_report(
         with_docs = model.generate(
             contexts, batch.prompt_ids, batch.prompt_attention_mask, masks, max_new_tokens
         )  # [B, 4, T]
-        without_docs = model.generate(None, batch.prompt_ids, batch.prompt_attention_mask, None, max_new_tokens)
+        if question_in_prompt:
+            without_docs = model.generate(None, batch.prompt_ids, batch.prompt_attention_mask, None, max_new_tokens)
+        else:
+            alone = collate_question([{**r, "ctxs": [{"title": "", "text": ""}]} for r in chunk], list(range(len(chunk))))
+            question_only = model.encode_contexts(alone.encoder_input_ids, alone.encoder_attention_mask)
+            without_docs = model.generate(question_only, alone.prompt_ids, alone.prompt_attention_mask, None, max_new_tokens)
         for b, record in enumerate(chunk):
             predictions = [_decode(tokenizer, with_docs[b, j]) for j in range(4)]
             predictions.append(_decode(tokenizer, without_docs[b]))
@@ -343,13 +396,10 @@ def reader_report(
     return report
 
 
-def load_reader(path: str | Path) -> tuple[CepeForCausalContextLM, Any]:
-    """A saved reader and its tokenizer (local directory only, no remote code)."""
-    from transformers import AutoTokenizer
-
-    model = CepeForCausalContextLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return model, tokenizer
+def load_reader(path: str | Path, data: DataConfig | None = None) -> tuple[torch.nn.Module, Any]:
+    """A saved reader (CEPE or FiD, told apart by its config.json) and its tokenizer, frozen,
+    through the generator families' loader (local directory only, no remote code)."""
+    return load_generator(str(path), data=data)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -359,13 +409,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=int, default=400, help="report on at most this many records")
     parser.add_argument(
         "--config",
-        default=str(DEMO_CONFIG),
         help="training YAML whose data section (templates, doc_max_tokens) the reader must match "
-        "(default: the demo's configs/demo.yaml)",
+        "(default: the demo's, configs/demo.yaml for CEPE, configs/demo_fid.yaml for FiD); a FiD "
+        "reader takes its templates from the FiD family",
     )
     for field in dataclasses.fields(ReaderConfig):
         flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
+        if field.name == "generator":
+            parser.add_argument(flag, choices=READER_GENERATORS, default=field.default,
+                                help=f"reader family (default {field.default})")
+        elif field.type in ("bool", bool):
             parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=field.default,
                                 help=f"(default {field.default})")
         else:
@@ -374,16 +427,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = load_config(args.config).data
     reader_config = ReaderConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReaderConfig)})
+    data = reader_data(load_config(args.config or DEMO_CONFIGS[reader_config.generator]).data, reader_config.generator)
     records, read_report = read_records(args.train_file, n_candidates=data.n_candidates, candidate_order=data.candidate_order)
     print(read_report.summary(), flush=True)
-    tokenizer = build_reader_tokenizer(records, data)
+    tokenizer = build_reader_tokenizer(records, data, reader_config.generator)
     out = train_reader(records, tokenizer, reader_config, args.out, data=data)
     print(f"reader saved to {out}", flush=True)
     if args.eval_file:
         eval_records, _ = read_records(args.eval_file, data.n_candidates, candidate_order=data.candidate_order)
-        model, tokenizer = load_reader(out)
+        model, tokenizer = load_reader(out, data)
         report = reader_report(model, tokenizer, eval_records[: args.eval_limit], data)
         (out / "reader_report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2), flush=True)

@@ -1,6 +1,6 @@
 """Reproduce the paper's qualitative claims on the synthetic multi-hop benchmark, over seeds.
 
-    python scripts/reproduce_synthetic.py --seeds 0 1 2 --out runs/reproduce --write docs/RESULTS.md
+    python scripts/reproduce_synthetic.py --seeds 0 1 2 --out runs/reproduce --write docs/RESULTS.md [--generator fid]
 
 For every seed, ``grerank demo`` makes the data, trains and freezes the reader, gives the
 reranker its weak start and trains G-Rerank; two more demo runs reuse that frozen reader, that
@@ -11,7 +11,8 @@ upper reference for what the answer signal could teach). All rerankers start fro
 weak start (the demo's random cross-encoder after its retriever distillation). Reported on the test split in the reranker setting: Recall@2 and
 indirect Recall@2 (App. E) overall and per question type, with the mean and sample standard
 deviation over seeds, the last logged mean largest reranker weight (Fig. 5), and the reader's
-SubEM by visible documents.
+SubEM by visible documents. ``--generator fid`` makes the reader a FiD model (``grerank demo
+--generator fid``); its section of the report sits next to CEPE's, each between its own markers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from grerank_dist.demo import reader_table_markdown  # noqa: E402
 from grerank_dist.metrics import metrics_table_markdown  # noqa: E402
+from grerank_dist.reader import READER_GENERATORS  # noqa: E402
 from grerank_dist.tracking import read_metrics  # noqa: E402
 
 # method -> extra demo overrides; the first trains the reader the others reuse
@@ -41,13 +43,15 @@ COLUMNS = ["recall@2", "indirect_recall@2", "bridge/recall@2", "bridge/indirect_
            "comparison/indirect_recall@2", "final_mean_max_weight"]
 
 
-def run_seed(seed: int, out: Path, threads: int, quick: bool = False) -> dict[str, Any]:
-    """The three runs of one seed; returns method -> reranker-setting test metrics (+ Fig. 5 value)."""
+def run_seed(seed: int, out: Path, threads: int, quick: bool = False, generator: str = "cepe") -> dict[str, Any]:
+    """The three runs of one seed with a ``generator`` reader; returns method -> reranker-setting
+    test metrics (+ Fig. 5 value)."""
     rows: dict[str, Any] = {}
     first = None
     for method, overrides in METHODS.items():
         run_dir = out / f"seed{seed}" / method
-        command = [sys.executable, "-m", "grerank_dist.cli", "demo", "--out", str(run_dir), "--seed", str(seed)]
+        command = [sys.executable, "-m", "grerank_dist.cli", "demo", "--out", str(run_dir), "--seed", str(seed),
+                   "--generator", generator]
         if first is not None:
             command += ["--reader", str(first / "reader"), "--initial", str(first / "weak_start" / "reranker")]
         command += ["--quick"] if quick else []
@@ -85,13 +89,22 @@ def mean_and_spread(per_seed: list[dict[str, Any]], method: str) -> dict[str, st
     return cells
 
 
-SECTION_START = "<!-- reproduce_synthetic.py: start -->"
-SECTION_END = "<!-- reproduce_synthetic.py: end -->"
+def section_markers(generator: str) -> tuple[str, str]:
+    """The start and end markers of a reader family's section (CEPE's keep their original text)."""
+    tag = "" if generator == "cepe" else f" {generator}"
+    return f"<!-- reproduce_synthetic.py{tag}: start -->", f"<!-- reproduce_synthetic.py{tag}: end -->"
 
 
-def write_results(path: Path, seeds: list[int], per_seed: list[dict[str, Any]], command: str) -> str:
-    """Write the report as the section between the markers of ``path`` (hand-written text around
-    them is kept), or as a new file holding only the section. Returns the section."""
+READER_NAMES = {"cepe": "CEPE", "fid": "FiD"}
+
+
+def write_results(
+    path: Path, seeds: list[int], per_seed: list[dict[str, Any]], command: str, generator: str = "cepe"
+) -> str:
+    """Write the report as the ``generator``'s section between its markers in ``path``
+    (hand-written text and the other family's section are kept), or append it. Returns the section."""
+    section_start, section_end = section_markers(generator)
+    reader_name = "" if generator == "cepe" else f", {READER_NAMES[generator]} reader"
     methods = [*REFERENCES[:2], *METHODS, REFERENCES[2]]
     summary_rows = {m: mean_and_spread(per_seed, m) for m in methods}
     table = metrics_table_markdown(summary_rows, COLUMNS, percent=False)
@@ -101,8 +114,8 @@ def write_results(path: Path, seeds: list[int], per_seed: list[dict[str, Any]], 
         + f"\nWall time of the seed's demo run: {rows['wall_s']:.0f} s.\n"
         for seed, rows in zip(seeds, per_seed)
     )
-    section = f"""{SECTION_START}
-## Reproduction over seeds: G-Rerank, the no-Gumbel ablation and the gold-label reference
+    section = f"""{section_start}
+## Reproduction over seeds{reader_name}: G-Rerank, the no-Gumbel ablation and the gold-label reference
 
 Produced by
 
@@ -121,13 +134,13 @@ retriever row is the synthetic lexical score's order; the oracle puts the gold d
 {table}
 ### Per seed
 
-{per_seed_tables}{SECTION_END}
+{per_seed_tables}{section_end}
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_text() if path.is_file() else ""
-    if SECTION_START in existing and SECTION_END in existing:
-        before, rest = existing.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+    if section_start in existing and section_end in existing:
+        before, rest = existing.split(section_start, 1)
+        after = rest.split(section_end, 1)[1].lstrip("\n")
         path.write_text(before + section + ("\n" + after if after else ""))
     else:
         path.write_text(existing + ("\n" if existing else "") + section)
@@ -141,16 +154,17 @@ def main() -> int:
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "RESULTS.md", help="the markdown report")
     parser.add_argument("--threads", type=int, default=2, help="OMP threads per run")
     parser.add_argument("--quick", action="store_true", help="the demo's tiny sizes (a check that every stage runs)")
+    parser.add_argument("--generator", choices=READER_GENERATORS, default="cepe", help="reader family (default cepe)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     per_seed = []
     for seed in args.seeds:
-        per_seed.append(run_seed(seed, args.out, args.threads, args.quick))
+        per_seed.append(run_seed(seed, args.out, args.threads, args.quick, args.generator))
         (args.out / "per_seed.json").write_text(json.dumps(per_seed, indent=2))
     command = "python scripts/reproduce_synthetic.py " + shlex.join(
         ["--seeds", *map(str, args.seeds), "--out", str(args.out), "--write", str(args.write), "--threads", str(args.threads)]
-        + (["--quick"] if args.quick else []))
-    print(write_results(args.write, args.seeds, per_seed, command), flush=True)
+        + (["--quick"] if args.quick else []) + (["--generator", args.generator] if args.generator != "cepe" else []))
+    print(write_results(args.write, args.seeds, per_seed, command, args.generator), flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_train import ROOT, check, clean_env
 
 
@@ -58,3 +59,55 @@ def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_
     assert no_gumbel["relax"]["noise"] is False
     gold = json.loads((seed_runs / "gold-labels" / "train" / "train_config.json").read_text())
     assert gold["train"]["objective"] == "gold_labels"
+
+
+def test_quick_demo_with_a_fid_reader(tmp_path):
+    """`grerank demo --generator fid`: the reader is a FiD (T5) model in FiD's input format, its
+    five-condition report is written, and G-Rerank trains and evaluates against it."""
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "grerank_dist.cli", "demo", "--quick", "--generator", "fid", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, env=clean_env(), cwd=ROOT)
+    check(result)
+    assert json.loads((out / "reader" / "config.json").read_text())["model_type"] == "t5"
+    training = json.loads((out / "reader" / "reader_training.json").read_text())
+    assert training["reader"]["generator"] == "fid" and training["data"]["prompt_template"] == ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generator"] == "fid"
+    assert set(summary["reader"]["all"]) == {"both_gold", "answer_doc", "bridge_doc", "all_candidates", "no_documents", "queries"}
+    config = json.loads((out / "train" / "train_config.json").read_text())
+    assert config["generator"]["path"] == str(out / "reader")
+    assert config["data"]["doc_template"].startswith("question: {question}")
+    metrics = json.loads((out / "eval" / "generator" / "metrics.json").read_text())
+    assert "subem" in metrics["methods"]["g-rerank"]
+
+
+def test_reproduction_report_keeps_each_reader_family_in_its_own_section(tmp_path):
+    """A FiD reproduction writes its own section next to CEPE's; rewriting one keeps the other."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_synthetic", ROOT / "scripts" / "reproduce_synthetic.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    conditions = {"both_gold": 1.0, "answer_doc": 0.5, "bridge_doc": 0.0, "all_candidates": 0.9, "no_documents": 0.1, "queries": 4}
+    methods = {m: {"recall@2": 0.5, "final_mean_max_weight": 0.25} for m in ("retriever", "initial", "oracle", *script.METHODS)}
+    per_seed = [{**methods, "reader": {"all": conditions}, "wall_s": 1.0}]
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# Results\n")
+    script.write_results(report, [0], per_seed, "cepe command", "cepe")
+    script.write_results(report, [0], per_seed, "fid command", "fid")
+    script.write_results(report, [0], per_seed, "new cepe command", "cepe")
+    text = report.read_text()
+    cepe_start, cepe_end = script.section_markers("cepe")
+    fid_start, fid_end = script.section_markers("fid")
+    assert text.index(cepe_start) < text.index(cepe_end) < text.index(fid_start) < text.index(fid_end)
+    assert "new cepe command" in text and "fid command" in text and "\n    cepe command" not in text
+    assert "Reproduction over seeds, FiD reader" in text.split(fid_start)[1]
+
+
+def test_a_reused_reader_must_match_the_demo_generator(tmp_path):
+    from grerank_dist.demo import check_reader_family
+
+    (tmp_path / "reader_training.json").write_text(json.dumps({"reader": {"generator": "cepe"}}))
+    check_reader_family(tmp_path, "cepe")
+    with pytest.raises(ValueError, match="reader.generator is 'cepe', but the demo runs --generator fid"):
+        check_reader_family(tmp_path, "fid")

@@ -1,6 +1,7 @@
 """The reader stage: a short training run lowers the answer loss, the checkpoint reloads with
 identical logits, the candidate views keep the evidence, and the SubEM report's hard masks give
-exactly what the generator produces when it is handed only the selected documents."""
+exactly what the generator produces when it is handed only the selected documents; for the CEPE
+and the FiD reader alike."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from grerank_dist.config import DataConfig
 from grerank_dist.data import Collator
 from grerank_dist.metrics import normalize_answer
+from grerank_dist.models.fid import FID_FORMAT, FidForConditionalGeneration
 from grerank_dist.reader import (
     REPORT_CONDITIONS,
     ReaderConfig,
@@ -23,12 +25,15 @@ from grerank_dist.reader import (
     configure_parser,
     fit_reader,
     load_reader,
+    reader_data,
+    reader_input_format,
     reader_report,
     run,
     sample_view,
     train_reader,
 )
 from grerank_dist.synthetic import generate_records
+from grerank_dist.tokenization import split_words
 
 DATA = DataConfig(
     doc_template="{title} : {text}",
@@ -38,6 +43,10 @@ DATA = DataConfig(
 )
 TINY = ReaderConfig(hidden_size=32, intermediate_size=64, attention_heads=2, batch_size=8, warmup_steps=2,
                     learning_rate=3e-3, seed=0)
+# FiD: its family's input format, documents long enough for the question and the passage
+FID_DATA = reader_data(dataclasses.replace(DATA, doc_max_tokens=48), "fid")
+FID_TINY = dataclasses.replace(TINY, generator="fid")
+SETUPS = {"cepe": (DATA, TINY), "fid": (FID_DATA, FID_TINY)}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +57,11 @@ def records() -> list[dict]:
 @pytest.fixture(scope="module")
 def tokenizer(records):
     return build_reader_tokenizer(records, DATA)
+
+
+@pytest.fixture(scope="module")
+def fid_tokenizer(records):
+    return build_reader_tokenizer(records, FID_DATA, "fid")
 
 
 def _all_candidates_loss(model, tokenizer, records) -> float:
@@ -114,25 +128,37 @@ def test_sampled_views_keep_the_gold_documents_and_prefer_lookalikes(records) ->
     assert shared_word_draws / shared_word_docs > 1.5 * other_draws / other_docs
 
 
-def _reference_prediction(model, tokenizer, record: dict, keep: list[bool] | None) -> str:
-    """Greedy answer when the generator is handed only the kept documents (None: no documents)."""
+def _reference_prediction(model, tokenizer, record: dict, keep: list[bool] | None, data: DataConfig) -> str:
+    """Greedy answer when the generator is handed only the kept documents (None: no documents;
+    for FiD, whose prompt is empty, the question alone as one empty passage)."""
+    question_in_prompt = "{question}" in data.prompt_template
     if keep is None:
-        kept, contexts = {**record, "ctxs": record["ctxs"][:1]}, None
+        kept = {**record, "ctxs": record["ctxs"][:1] if question_in_prompt else [{"title": "", "text": ""}]}
     else:
         kept = {**record, "ctxs": [c for c, k in zip(record["ctxs"], keep) if k]}
-    batch = Collator(dataclasses.replace(DATA, n_candidates=len(kept["ctxs"])), tokenizer, None, 0)([kept], [0])
-    if keep is not None:
+    batch = Collator(dataclasses.replace(data, n_candidates=len(kept["ctxs"])), tokenizer, None, 0,
+                     input_format=reader_input_format(model, data))([kept], [0])
+    contexts = None
+    if keep is not None or not question_in_prompt:
         contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
     tokens = model.generate(contexts, batch.prompt_ids, batch.prompt_attention_mask, None, 4)
     return tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).strip()
 
 
-def test_report_conditions_equal_generation_from_only_the_selected_documents(records, tokenizer) -> None:
+@pytest.mark.parametrize("generator", ["cepe", "fid"])
+def test_report_conditions_equal_generation_from_only_the_selected_documents(records, tokenizer, fid_tokenizer, generator) -> None:
     """Each condition's hard mask must reproduce generation with only its documents given
     (paper Eq. 3-4): scoring the report against those reference predictions gives SubEM 1."""
+    data, config = SETUPS[generator]
+    tokenizer = fid_tokenizer if generator == "fid" else tokenizer
     # random weights, no aligned embeddings (which make an untrained model echo its last token):
     # the answers vary with the documents given
-    model = build_reader(tokenizer, dataclasses.replace(TINY, align_embeddings=False))
+    model = build_reader(tokenizer, dataclasses.replace(config, align_embeddings=False))
+    if generator == "fid":  # a T5 at its own init answers the same whatever the documents: wider weights
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0.0, 1.0)
     subset = records[:6]
     predictions_per_condition = []
     selections = {
@@ -145,11 +171,11 @@ def test_report_conditions_equal_generation_from_only_the_selected_documents(rec
         relabelled = []
         for record in subset:
             keep = None if condition == "no_documents" else [selections[condition](c) for c in record["ctxs"]]
-            prediction = _reference_prediction(model, tokenizer, record, keep)
+            prediction = _reference_prediction(model, tokenizer, record, keep, data)
             assert normalize_answer(prediction), "reference prediction normalised to nothing"
             relabelled.append({**record, "answers": [prediction]})
         predictions_per_condition.append([r["answers"][0] for r in relabelled])
-        report = reader_report(model, tokenizer, relabelled, DATA, batch_size=4)
+        report = reader_report(model, tokenizer, relabelled, data, batch_size=4)
         assert report["all"][condition] == 1.0, (condition, report["all"])
         assert report["all"]["queries"] == len(subset)
         assert set(report) >= {"all"} | {r["type"] for r in subset}
@@ -157,12 +183,13 @@ def test_report_conditions_equal_generation_from_only_the_selected_documents(rec
     assert any(len(set(per_record)) > 2 for per_record in zip(*predictions_per_condition))
 
 
-def test_train_reader_command_writes_checkpoint_and_report(records, tmp_path) -> None:
+@pytest.mark.parametrize("generator", ["cepe", "fid"])
+def test_train_reader_command_writes_checkpoint_and_report(records, tmp_path, generator) -> None:
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in records))
     config_file = tmp_path / "config.yaml"
     config_file.write_text(
-        "data:\n  n_candidates: 12\n  doc_max_tokens: 24\n  doc_template: '{title} : {text}'\n"
+        "data:\n  n_candidates: 12\n  doc_max_tokens: 48\n  doc_template: '{title} : {text}'\n"
         "  prompt_template: 'question : {question} answer :'\n  answer_eos: true\n"
     )
     parser = argparse.ArgumentParser()
@@ -170,13 +197,19 @@ def test_train_reader_command_writes_checkpoint_and_report(records, tmp_path) ->
     args = parser.parse_args([
         "--train-file", str(train_file), "--eval-file", str(train_file), "--out", str(tmp_path / "reader"),
         "--config", str(config_file), "--steps", "3", "--batch-size", "4", "--hidden-size", "32",
-        "--intermediate-size", "64", "--attention-heads", "2", "--eval-limit", "8",
+        "--intermediate-size", "64", "--attention-heads", "2", "--eval-limit", "8", "--generator", generator,
     ])
     assert run(args) == 0
     report = json.loads((tmp_path / "reader" / "reader_report.json").read_text())
     assert report["all"]["queries"] == 8
     training = json.loads((tmp_path / "reader" / "reader_training.json").read_text())
-    assert training["reader"]["steps"] == 3 and training["data"]["doc_max_tokens"] == 24
+    assert training["reader"]["steps"] == 3 and training["data"]["doc_max_tokens"] == 48
+    assert training["reader"]["generator"] == generator
+    # the FiD reader takes its templates from its family, whatever the config says
+    expected_template = FID_FORMAT.doc_template if generator == "fid" else "{title} : {text}"
+    assert training["data"]["doc_template"] == expected_template
+    model_type = json.loads((tmp_path / "reader" / "config.json").read_text())["model_type"]
+    assert model_type == ("t5" if generator == "fid" else "cepe_llama")
     assert (tmp_path / "reader" / "model.safetensors").is_file()
 
 
@@ -209,3 +242,47 @@ def test_curriculum_shows_only_the_gold_documents_first(records, tokenizer, monk
     fit_reader(records, tokenizer, config, steps=6, data=DATA, log_every=10**9)
     per_step = [calls[i : i + TINY.batch_size] for i in range(0, len(calls), TINY.batch_size)]
     assert [set(step) for step in per_step] == [{0}] * 3 + [{3}] * 3
+
+
+def _answer_nll(model, tokenizer, records, data: DataConfig) -> torch.Tensor:
+    """Token-mean answer NLL with every candidate visible, through the generator interface."""
+    batch = Collator(dataclasses.replace(data, n_candidates=12), tokenizer, None, 0,
+                     input_format=reader_input_format(model, data))(records, list(range(len(records))))
+    contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+    return model.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, None).token_mean_nll()
+
+
+def test_fid_reader_trains_through_the_generator_interface_and_reloads(records, fid_tokenizer, tmp_path) -> None:
+    """The FiD reader: FiD's input format (question in every document, empty prompt, answer +
+    EOS), gradients through answer_logprobs reach encoder and decoder, training lowers the
+    loss, the frozen model saves and reloads (as FiD, through the family loader) identically."""
+    batch = Collator(dataclasses.replace(FID_DATA, n_candidates=12), fid_tokenizer, None, 0)(records[:1], [0])
+    document = FID_FORMAT.doc_template.format(question=records[0]["question"], **records[0]["ctxs"][0])
+    assert fid_tokenizer.decode(batch.encoder_input_ids[0, 0][batch.encoder_attention_mask[0, 0].bool()]) == (
+        " ".join(split_words(document)))
+    answer = fid_tokenizer(records[0]["answers"][0], add_special_tokens=False)["input_ids"]
+    assert batch.labels[0][batch.labels[0] != -100].tolist() == answer + [fid_tokenizer.eos_token_id]
+
+    fresh = build_reader(fid_tokenizer, FID_TINY)
+    assert isinstance(fresh, FidForConditionalGeneration)
+    fresh.requires_grad_(True)
+    _answer_nll(fresh, fid_tokenizer, records[:4], FID_DATA).backward()
+    no_grad = [name for name, p in fresh.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
+
+    with torch.no_grad():
+        initial = _answer_nll(build_reader(fid_tokenizer, FID_TINY), fid_tokenizer, records, FID_DATA).item()
+    model, summary = fit_reader(records, fid_tokenizer, FID_TINY, steps=40, data=FID_DATA, log_every=20)
+    with torch.no_grad():
+        trained = _answer_nll(model, fid_tokenizer, records, FID_DATA).item()
+    assert trained < initial - 1.0, (initial, trained)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert summary["reader"]["generator"] == "fid" and summary["data"]["prompt_template"] == ""
+
+    model.save_pretrained(tmp_path)
+    fid_tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = load_reader(tmp_path, FID_DATA)
+    assert isinstance(reloaded, FidForConditionalGeneration)
+    with torch.no_grad():
+        assert torch.equal(_answer_nll(reloaded, fid_tokenizer, records[:4], FID_DATA),
+                           _answer_nll(model, fid_tokenizer, records[:4], FID_DATA))
