@@ -136,7 +136,7 @@ def generate_reading_records(n_queries: int, seed: int, retriever_noise: float =
             "type": relation,
             "ctxs": [
                 {"id": f"{record_id}-d{position}", "title": title, "text": text, "score": score,
-                 "has_answer": has_answer(text, [answer]), "is_supporting": supporting}
+                 "has_answer": has_answer({"title": title, "text": text}, [answer]), "is_supporting": supporting}
                 for position, (score, (title, text, supporting)) in enumerate(scored)
             ],
         })
