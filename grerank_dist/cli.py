@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("grerank_dist.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
     "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
     "export": ("grerank_dist.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
+    "bench": ("grerank_dist.bench", "time one training step by phase at a named shape, against the naive step and a bf16 generator"),
     "prepare": ("grerank_dist.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
 }
 

@@ -67,3 +67,36 @@ def test_decoder_only_documents_keep_the_fixed_width():
     model, tokenizer = load_generator("random:tiny-llama", WORDS + ["?"], seed=1, data=data)
     batch = Collator(data, tokenizer, None, 0, input_format=model.input_format)(records, [0, 1])
     assert batch.encoder_input_ids.shape[-1] == 16
+
+
+def test_bench_runs_at_the_tiny_shape_and_prints_every_column(tmp_path):
+    """`grerank bench` smoke run: every variant steps through the real trainer path and the table
+    has every column (no timing thresholds)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from grerank_dist.bench import PHASES, VARIANTS
+
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "grerank_dist.cli", "bench", "--shape", "tiny", "--steps", "1", "--warmup", "0",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["variant"])
+    for column in (*PHASES, "step", "q/s", "GFLOP", "%peak", "RSS"):
+        assert column in header, column
+    assert "efficient vs naive" in proc.stdout and "bf16 vs fp32 generator" in proc.stdout
+    assert "total   = 3*F_rr" in proc.stdout  # the FLOP formula is printed
+    results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == set(VARIANTS)
+    # Same records for every variant: same useful FLOPs; the naive one pads to doc_max_tokens.
+    assert results["naive"]["flops_useful"] == results["efficient"]["flops_useful"] > 0
+    assert results["naive"]["flops_executed"] > results["efficient"]["flops_executed"]
+    # The bf16 generator scores the same answers as the fp32 one up to bf16 rounding.
+    for fp32, bf16 in zip(results["efficient"]["answer_loglik"], results["bf16"]["answer_loglik"]):
+        assert abs(fp32 - bf16) < 0.05 and fp32 < 0
