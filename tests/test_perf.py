@@ -9,7 +9,6 @@ import torch
 
 from grerank_dist.config import DataConfig
 from grerank_dist.data import Collator
-from grerank_dist.tokenization import build_word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
 
