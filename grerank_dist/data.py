@@ -255,8 +255,8 @@ class Collator:
     The generator's :class:`InputFormat` (``model.input_format``) decides the templates and
     where BOS goes. Without one, tokenisation follows the public CEPE evaluation: documents as
     ``Document (Title: {title}): {text}`` without BOS (the template may also use ``{question}``,
-    as FiD's ``question: {question} title: {title} context: {text}`` does), truncated and left-padded to
-    ``doc_max_tokens``; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
+    as FiD's ``question: {question} title: {title} context: {text}`` does), truncated to
+    ``doc_max_tokens`` and left-padded to the batch's longest document; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
     the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
     answer has after "Answer:"). Reranker pairs are (question, passage) truncated like the usual
     cross-encoders (longest-first to ``max_length``).
@@ -275,7 +275,9 @@ class Collator:
         ``reranker_inputs``. ``input_format`` None: CEPE's (the data config's templates, BOS
         before the prompt)."""
         self.data = data
-        self.format = input_format or InputFormat(data.doc_template, data.prompt_template, prompt_bos=True)
+        self.format = input_format or InputFormat(
+            data.doc_template, data.prompt_template, prompt_bos=True, docs_pad_to_batch=True
+        )
         self.gen_tok = generator_tokenizer
         self.rr_tok = reranker_tokenizer
         self.rr_max_length = reranker_max_length
@@ -305,10 +307,11 @@ class Collator:
         # empty document; its log-mask is -inf, so the generator never attends to it.
         filler = self.gen_tok.eos_token_id if self.gen_tok.eos_token_id is not None else self.gen_pad
         doc_ids = [ids if ids else [filler] for ids in doc_ids]
-        # Always doc_max_tokens wide: the encoder gives every document position ids 0..L-1
-        # whatever its padding (as the released CEPE does), so a width that followed the batch
-        # would move a document's tokens to other positions from batch to batch.
-        width = d.doc_max_tokens
+        # CEPE's encoder gives every document position ids 0..L-1 whatever its padding (as the
+        # release does), but RoPE scores depend only on position differences and padding keys are
+        # masked: the batch's longest width gives the same outputs up to rounding
+        # (tests/test_perf.py). Decoder-only documents keep doc_max_tokens (absolute positions).
+        width = max(len(ids) for ids in doc_ids) if self.format.docs_pad_to_batch else d.doc_max_tokens
         enc = _pad(doc_ids, self.gen_pad, left=True, width=width)
         enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True, width=width)
 

@@ -104,9 +104,10 @@ class ParallelContextGenerator(Protocol):
 class InputFormat:
     """How a record becomes a generator's inputs (read by :class:`grerank_dist.data.Collator`).
 
-    Documents are tokenised without special tokens, truncated and left-padded to
-    ``data.doc_max_tokens``; the prompt is ``prompt_template`` (with ``{question}``), followed by
-    the answer tokens.
+    Documents are tokenised without special tokens, truncated to ``data.doc_max_tokens`` and
+    left-padded (to the batch's longest document when ``docs_pad_to_batch``, else to
+    ``doc_max_tokens``); the prompt is ``prompt_template`` (with ``{question}``), followed by the
+    answer tokens.
     """
 
     doc_template: str
@@ -114,6 +115,11 @@ class InputFormat:
     # True: the prompt starts with BOS (CEPE: the decoder reads no documents in its own stream);
     # False: BOS lives in the generator's shared prefix, before the documents (decoder-only).
     prompt_bos: bool
+    # True when the document encoder sees relative positions only (RoPE in a bidirectional
+    # encoder, T5's relative buckets) and masks padding keys: a narrower left padding then shifts
+    # no score, so documents are padded to the batch's longest (less encoder and cross-attention
+    # work). False where documents sit at absolute positions after a shared prefix (decoder-only).
+    docs_pad_to_batch: bool = False
 
 
 @dataclass(frozen=True)

@@ -1033,7 +1033,9 @@ def decoder_rows(
 
 def _cepe_format(data: Any) -> InputFormat:
     """The public CEPE evaluation's layout: documents without BOS, BOS + prompt in the decoder."""
-    return InputFormat(doc_template=data.doc_template, prompt_template=data.prompt_template, prompt_bos=True)
+    return InputFormat(
+        doc_template=data.doc_template, prompt_template=data.prompt_template, prompt_bos=True, docs_pad_to_batch=True
+    )
 
 
 def _build_random_cepe(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch.dtype, data: Any) -> tuple["CepeForCausalContextLM", Any]:

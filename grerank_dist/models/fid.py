@@ -508,7 +508,9 @@ def random_tiny_fid(
 def _fid_format(data: Any) -> InputFormat:
     """The run's templates (FiD's are :data:`FID_FORMAT`'s); no BOS: the decoder starts from
     ``decoder_start_token_id``, which the model prepends itself."""
-    return InputFormat(doc_template=data.doc_template, prompt_template=data.prompt_template, prompt_bos=False)
+    return InputFormat(
+        doc_template=data.doc_template, prompt_template=data.prompt_template, prompt_bos=False, docs_pad_to_batch=True
+    )
 
 
 def _build_random(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch.dtype, data: Any) -> tuple[FidForConditionalGeneration, Any]:

@@ -1,0 +1,475 @@
+"""Time one G-Rerank training step through the real trainer path, phase by phase.
+
+    grerank bench --shape tiny|small|7b-slice [--steps 5 --warmup 2 --variants efficient,naive,bf16]
+    python scripts/bench_step.py --shape small
+
+Random-weight models of a named shape (a CEPE generator and a BERT cross-encoder) run
+:func:`grerank_dist.train.training_step` inside a :class:`DeepSpeedStrategy` on this process, on
+synthetic records whose documents have a realistic spread of lengths. Each variant builds its
+own engines and times warm steps:
+
+- ``efficient``: the step as the trainer runs it: documents padded to the batch's longest, the
+  fastest exact cross-attention backend, all B queries in one call, no activation recompute;
+- ``naive``: the step a first implementation would write: eager attention, activation
+  checkpointing (so cross K/V are projected again in backward), documents at the fixed
+  ``doc_max_tokens`` width, one query per micro-step (B micro-steps accumulate one update);
+- ``bf16``: ``efficient`` with the generator in bf16 (the reranker stays fp32); its answer
+  log-likelihoods are compared with the fp32 generator's on the same batch.
+
+Phases are timed with wall clocks around the step's own parts (module hooks and wrappers, no
+change to the step): reranker forward/backward (split by a hook on the scores' gradient), document
+encoding, cross K/V projections, decoder forward/backward, optimizer, communication (the c10d
+calls of one extra profiled step), data (tokenisation and padding, done ahead of the step, shown
+apart). FLOPs are counted analytically (the formula is printed) for the real tokens ("useful")
+and for the padded shapes the step executes; the machine's matmul peak comes from a GEMM probe
+in the same process, dtype and thread count. Timings on CPU need no device synchronisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from grerank_dist.config import TrainConfig, load_config
+from grerank_dist.data import Batch, Collator
+from grerank_dist.generator import InputFormat
+from grerank_dist.models.cepe import CepeConfig, CepeForCausalContextLM, cepe_7b_config, tiny_cepe_config
+from grerank_dist.relax import noise_generator
+from grerank_dist.reranker import tiny_reranker
+from grerank_dist.strategy import DeepSpeedStrategy
+from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.train import lr_lambda, training_step
+
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+PHASES = ("data", "rr_fwd", "rr_bwd", "encode", "cross_kv", "dec_fwd", "dec_bwd", "optim", "comm", "other")
+VARIANTS = ("efficient", "naive", "bf16")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark shape: model widths and the batch (B queries, n candidates, document words)."""
+
+    generator: Callable[[int], CepeConfig]  # vocab size -> config
+    reranker_hidden: int
+    reranker_layers: int
+    batch: int
+    n_candidates: int
+    doc_words: tuple[int, int]  # document lengths drawn uniformly in this range (tokens)
+    doc_max_tokens: int
+    question_words: int = 10
+    answer_words: int = 4
+    vocab_words: int = 2000
+
+
+def _small_cepe(vocab: int) -> CepeConfig:
+    """Decoder 512 x 8 layers (cross-attention in each), encoder 256 x 4: matrix work dominates on a CPU."""
+    return tiny_cepe_config(
+        vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=8, num_cross_attn_layers=8,
+        encoder_config={"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
+    )
+
+
+def _cepe_7b_slice(vocab: int) -> CepeConfig:
+    """CEPE-LLaMA-2-7B's widths (and 32k vocabulary) with 2 decoder and 2 encoder layers."""
+    return cepe_7b_config(num_hidden_layers=2, num_cross_attn_layers=2, encoder_config={"num_hidden_layers": 2})
+
+
+SHAPES: dict[str, Shape] = {
+    "tiny": Shape(lambda v: tiny_cepe_config(vocab_size=v), 64, 2, batch=2, n_candidates=4, doc_words=(4, 12),
+                  doc_max_tokens=16, question_words=5, answer_words=2, vocab_words=200),
+    # BERT-mini reranker (256 x 4); documents of 40-128 tokens in a 128-token window.
+    "small": Shape(lambda v: _small_cepe(max(v, 32000)), 256, 4, batch=4, n_candidates=8, doc_words=(40, 128),
+                   doc_max_tokens=128),
+    # bge-base widths (768) with 2 layers beside the 7B slice.
+    "7b-slice": Shape(lambda v: _cepe_7b_slice(v), 768, 2, batch=1, n_candidates=4, doc_words=(40, 128),
+                      doc_max_tokens=128),
+}
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def synthetic_records(shape: Shape, count: int, seed: int) -> list[dict[str, Any]]:
+    """Records of random words, document lengths uniform in ``shape.doc_words`` (one token per word)."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(shape.vocab_words)]
+
+    def text(length: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(length))
+
+    return [
+        {
+            "id": str(q),
+            "question": text(shape.question_words),
+            "answers": [text(shape.answer_words)],
+            "ctxs": [{"title": "", "text": text(rng.randint(*shape.doc_words)), "score": None, "has_answer": None,
+                      "is_supporting": None} for _ in range(shape.n_candidates)],
+        }
+        for q in range(count)
+    ]
+
+
+def bench_config(shape: Shape, variant: str, extra: list[str]) -> TrainConfig:
+    """The training config of one variant (the DeepSpeed files of this repository)."""
+    naive = variant == "naive"
+    overrides = [
+        f"data.n_candidates={shape.n_candidates}", f"data.doc_max_tokens={shape.doc_max_tokens}",
+        "data.doc_template='{text}'", "data.passage_template='{text}'", "data.prompt_template='{question} :'",
+        "relax.k=2", "train.lr=1e-4",
+        f"train.micro_batch_size={1 if naive else shape.batch}",
+        f"train.gradient_accumulation_steps={shape.batch if naive else 1}",
+        f"generator.attention_backend={'eager' if naive else 'auto'}",
+        f"generator.gradient_checkpointing={'true' if naive else 'false'}",
+        f"generator.dtype={'bfloat16' if variant == 'bf16' else 'float32'}",
+        f"reranker.max_length={shape.question_words + shape.doc_max_tokens + 3}",
+        f"deepspeed.generator_config={DS_CONFIGS / 'generator_zero3.json'}",
+        f"deepspeed.reranker_config={DS_CONFIGS / 'reranker_zero1.json'}",
+    ]
+    return load_config(None, overrides + list(extra))
+
+
+# ---------------------------------------------------------------------------------------- FLOPs
+
+FLOP_FORMULA = """\
+model FLOPs per step (matmuls only, 2 per multiply-add; no recompute counted):
+  total   = 3*F_rr + F_enc + F_kv + 2*F_dec   (reranker trained: fwd + 2x bwd; encoder and K/V
+            without grad; frozen decoder: bwd = input gradients only, about 1x its fwd)
+  Llama layer over a sequence of s tokens (hidden h, H heads, H_kv kv heads of d, FFN f):
+            2*s*(h*d*(H + 2*H_kv) + H*d*h + 3*h*f) + 4*s*s*H*d
+  F_rr    = sum over pairs, BERT layer: 2*s*(4*h*h + 2*h*f) + 4*s*s*h
+  F_enc   = sum over documents of the encoder's layers (s = document tokens)
+  F_kv    = per cross layer 2*N*h_enc*2*H_kv*d, N = document tokens of the batch
+  F_dec   = decoder layers over the B rows + per cross layer 2*S*2*h*H*d + 4*S*N_b*H*d
+            (N_b = the query's document tokens) + lm head 2*A*h*V (A = answer tokens)
+  useful: real tokens only (attention masks); executed: the padded shapes the step runs"""
+
+
+def _llama_layer(config: Any, lengths: list[int]) -> float:
+    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    per_token = 2 * (h * d * (heads + 2 * kv) + heads * d * h + 3 * h * config.intermediate_size)
+    return sum(per_token * s + 4 * s * s * heads * d for s in lengths)
+
+
+def step_flops(gen: CepeConfig, rr: Any, batch: Batch, useful: bool) -> dict[str, float]:
+    """Analytic FLOPs of one step (see :data:`FLOP_FORMULA`) for one micro-batch's tensors."""
+    def lengths(mask: torch.Tensor) -> list[int]:
+        flat = mask.reshape(-1, mask.shape[-1])
+        return flat.sum(-1).tolist() if useful else [flat.shape[-1]] * flat.shape[0]
+
+    rr_h, rr_f = rr.hidden_size, rr.intermediate_size
+    f_rr = rr.num_hidden_layers * sum(
+        2 * s * (4 * rr_h * rr_h + 2 * rr_h * rr_f) + 4 * s * s * rr_h
+        for s in lengths(batch.reranker_inputs["attention_mask"])
+    )
+    enc = gen.encoder_llama_config()
+    doc_lengths = lengths(batch.encoder_attention_mask)
+    f_enc = enc.num_hidden_layers * _llama_layer(enc, doc_lengths)
+    d = gen.head_dim
+    cross_layers = gen.num_cross_attn_layers if gen.do_cross_attention else 0
+    f_kv = cross_layers * 2 * sum(doc_lengths) * enc.hidden_size * 2 * gen.num_key_value_heads * d
+    rows = lengths(batch.attention_mask)
+    n = batch.encoder_attention_mask.shape[1]
+    keys_per_query = [sum(doc_lengths[b * n : (b + 1) * n]) for b in range(len(rows))]
+    f_dec = gen.num_hidden_layers * _llama_layer(gen, rows) + cross_layers * sum(
+        2 * s * 2 * gen.hidden_size * gen.num_attention_heads * d + 4 * s * keys * gen.num_attention_heads * d
+        for s, keys in zip(rows, keys_per_query)
+    )
+    answer_tokens = int((batch.labels != -100).sum())
+    f_dec += 2 * answer_tokens * gen.hidden_size * gen.vocab_size
+    return {"reranker": 3 * f_rr, "encoder": f_enc, "cross_kv": f_kv, "decoder": 2 * f_dec,
+            "total": 3 * f_rr + f_enc + f_kv + 2 * f_dec}
+
+
+def gemm_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+    """The best FLOP/s of a square ``F.linear`` (the models' matmul) in ``dtype`` on this
+    process's threads. (On CPUs without bf16 instructions ``torch.mm`` in bf16 takes a path ~10x
+    slower than ``F.linear``, which would understate the peak.)"""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.nn.functional.linear(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class PhaseClock:
+    """Wall time per phase of the current step, gathered by hooks around the step's parts."""
+
+    times: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    in_backward: bool = False
+    scores_grad_at: float | None = None
+    _starts: dict[int, float] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.times = defaultdict(float)
+
+    def wrap(self, fn: Callable, phase: str) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times[phase] += time.perf_counter() - start
+
+        return timed
+
+    def time_module(self, module: torch.nn.Module, phase: Callable[[], str]) -> None:
+        """Add the module's forward time to ``phase()`` (read when the forward ends)."""
+        def pre(mod: torch.nn.Module, args: Any) -> None:
+            self._starts[id(mod)] = time.perf_counter()
+
+        def post(mod: torch.nn.Module, args: Any, out: Any) -> None:
+            self.times[phase()] += time.perf_counter() - self._starts.pop(id(mod))
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+
+def instrument(clock: PhaseClock, strategy: DeepSpeedStrategy, reranker: Any, generator: Any) -> None:
+    """Hook the phases of :func:`training_step` without changing it."""
+    clock.time_module(reranker.module, lambda: "rr_fwd")
+
+    def mark_scores_grad(mod: torch.nn.Module, args: Any, out: Any) -> None:
+        def at_grad(grad: torch.Tensor) -> None:
+            clock.scores_grad_at = time.perf_counter()
+
+        out.logits.register_hook(at_grad)
+
+    reranker.module.register_forward_hook(mark_scores_grad)
+    for layer in generator.model.layers:
+        if layer.cross_attn is not None:
+            for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj):
+                clock.time_module(proj, lambda: "cross_kv_bwd" if clock.in_backward else "cross_kv")
+    generator.encode_contexts = clock.wrap(generator.encode_contexts, "encode")
+    generator.answer_logprobs = clock.wrap(generator.answer_logprobs, "dec_fwd_total")
+    backward = strategy.backward
+
+    def timed_backward(loss: torch.Tensor) -> None:
+        clock.in_backward, clock.scores_grad_at = True, None
+        start = time.perf_counter()
+        try:
+            backward(loss)
+        finally:
+            end = time.perf_counter()
+            clock.in_backward = False
+            split = clock.scores_grad_at or start
+            clock.times["dec_bwd_total"] += split - start
+            clock.times["rr_bwd"] += end - split
+
+    strategy.backward = timed_backward
+    strategy.step = clock.wrap(strategy.step, "optim")
+
+
+def _comm_seconds(profile: Any) -> float:
+    """CPU time of the collective calls (ZeRO-3 all-gathers, gradient all-reduce) in a profile."""
+    keys = ("c10d", "gloo", "nccl", "all_gather", "allgather", "all_reduce", "allreduce", "reduce_scatter", "broadcast")
+    return sum(e.cpu_time_total for e in profile.key_averages() if any(k in e.key.lower() for k in keys)) / 1e6
+
+
+@dataclass
+class VariantResult:
+    name: str
+    phases: dict[str, float]  # seconds per step (the median step's)
+    step_s: float
+    step_cpu_s: float  # the process's CPU time in that step (on a shared machine, less than wall x threads)
+    queries_per_s: float
+    flops_useful: float
+    flops_executed: float
+    peak_rss_gb: float
+    answer_loglik: list[float]  # mean per-token log-likelihood per query of the first batch (no mask noise)
+    profile_table: str = ""
+
+
+def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: list[dict[str, Any]]) -> VariantResult:
+    """Build the engines of one variant, prepare its batches ahead, time warm steps."""
+    config = bench_config(shape, variant, args.override)
+    strategy = DeepSpeedStrategy(config)
+    torch.manual_seed(args.seed)
+    with strategy.generator_loading():
+        gen_tokenizer_texts = [f"w{i}" for i in range(shape.vocab_words)] + [":"]
+        gen_tokenizer = build_word_tokenizer(gen_tokenizer_texts, "decoder")
+        model_config = shape.generator(len(gen_tokenizer))
+        model_config.cross_attn_backend = config.generator.attention_backend
+        model = CepeForCausalContextLM(model_config).to(strategy.dtype).requires_grad_(False).eval()
+    if config.generator.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    generator = strategy.build_generator_engine(model)
+    rr_model, rr_tokenizer = tiny_reranker(gen_tokenizer_texts, seed=args.seed, hidden_size=shape.reranker_hidden,
+                                           layers=shape.reranker_layers)
+    optimizer = torch.optim.AdamW(rr_model.parameters(), lr=config.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
+    reranker.train()
+
+    fmt = InputFormat(config.data.doc_template, config.data.prompt_template, prompt_bos=True,
+                      docs_pad_to_batch=variant != "naive")
+    collate = Collator(config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=args.seed,
+                       input_format=fmt)
+    per_call = 1 if variant == "naive" else shape.batch
+    steps = args.warmup + args.steps
+    # Tokenisation happens ahead of the step (as DataLoader workers would do it): timed apart.
+    batches, data_times = [], []
+    for s in range(steps):
+        chunk = records[(s * shape.batch) % len(records):][: shape.batch]
+        start = time.perf_counter()
+        micro = [collate(chunk[i : i + per_call], list(range(i, i + per_call))) for i in range(0, shape.batch, per_call)]
+        data_times.append(time.perf_counter() - start)
+        batches.append(micro)
+    whole = [collate(records[(s * shape.batch) % len(records):][: shape.batch], list(range(shape.batch)))
+             for s in range(steps)]
+
+    clock = PhaseClock()
+    instrument(clock, strategy, reranker, generator)
+    per_step: list[dict[str, float]] = []
+    totals: list[float] = []
+    cpu_totals: list[float] = []
+    for s, micro in enumerate(batches):
+        clock.reset()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for m, batch in enumerate(micro):
+            micro_step = s * len(micro) + m
+            noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
+            training_step(strategy, reranker, generator, batch, config, noise)
+        total = time.perf_counter() - start
+        if s >= args.warmup:
+            totals.append(total)
+            cpu_totals.append(time.process_time() - cpu_start)
+            per_step.append(dict(clock.times))
+    profile_table = ""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for m, batch in enumerate(batches[-1]):
+            training_step(strategy, reranker, generator, batch, config, noise_generator(config.seed, 0, 10**6 + m, strategy.device))
+    comm = _comm_seconds(profile)
+    if args.profile:
+        profile_table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+    # The phases of the median step (not per-phase medians, which need not add up to a step).
+    middle = sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]
+    times, step_s, step_cpu_s = per_step[middle], totals[middle], cpu_totals[middle]
+    phases = {
+        "data": data_times[args.warmup + middle],
+        "rr_fwd": times.get("rr_fwd", 0.0),
+        "rr_bwd": times.get("rr_bwd", 0.0),
+        "encode": times.get("encode", 0.0),
+        "cross_kv": times.get("cross_kv", 0.0) + times.get("cross_kv_bwd", 0.0),
+        "dec_fwd": times.get("dec_fwd_total", 0.0) - times.get("cross_kv", 0.0),
+        "dec_bwd": times.get("dec_bwd_total", 0.0) - times.get("cross_kv_bwd", 0.0),
+        "optim": times.get("optim", 0.0),
+        "comm": comm,
+    }
+    phases["other"] = step_s - sum(v for k, v in phases.items() if k not in ("data", "comm"))
+    useful = statistics.median(step_flops(model_config, rr_model.config, b, useful=True)["total"] for b in whole)
+    executed = statistics.median(
+        sum(step_flops(model_config, rr_model.config, b, useful=False)["total"] for b in micro) for micro in batches
+    )
+    with torch.no_grad():
+        first = whole[0]
+        contexts = generator.encode_contexts(first.encoder_input_ids, first.encoder_attention_mask)
+        zeros = torch.zeros(first.valid.shape)
+        loglik = generator.answer_logprobs(contexts, first.input_ids, first.attention_mask, first.labels, zeros).mean()
+    strategy.release_generator_params()
+    result = VariantResult(
+        name=variant, phases=phases, step_s=step_s, step_cpu_s=step_cpu_s, queries_per_s=shape.batch / step_s, flops_useful=useful,
+        flops_executed=executed, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        answer_loglik=loglik.float().tolist(), profile_table=profile_table,
+    )
+    del strategy, generator, reranker, model, rr_model, optimizer
+    gc.collect()
+    return result
+
+
+def report(shape_name: str, results: list[VariantResult], peaks: dict[str, float], threads: int) -> str:
+    """The table (milliseconds per step) and the comparisons, as printed."""
+    lines = [f"shape {shape_name}, {threads} threads; GEMM peak " +
+             ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), FLOP_FORMULA, ""]
+    head = ["variant", *PHASES, "step", "step CPU", "q/s", "GFLOP use", "GFLOP exec", "use %peak", "exec %peak",
+            "use %pk CPU", "RSS GB"]
+    lines.append(" ".join(f"{h:>10s}" for h in head))
+    for r in results:
+        peak = peaks["bfloat16" if r.name == "bf16" else "float32"]
+        cells = [r.name, *(f"{r.phases[p] * 1e3:.1f}" for p in PHASES), f"{r.step_s * 1e3:.1f}",
+                 f"{r.step_cpu_s * 1e3:.1f}", f"{r.queries_per_s:.2f}", f"{r.flops_useful / 1e9:.2f}",
+                 f"{r.flops_executed / 1e9:.2f}", f"{100 * r.flops_useful / r.step_s / peak:.1f}",
+                 f"{100 * r.flops_executed / r.step_s / peak:.1f}",
+                 f"{100 * r.flops_useful / (r.step_cpu_s / threads) / peak:.1f}", f"{r.peak_rss_gb:.2f}"]
+        lines.append(" ".join(f"{c:>10s}" for c in cells))
+    lines.append("(ms per step: the phases of the median step; data is tokenisation done ahead of the step, not "
+                 "in 'step'; comm: collectives of one profiled step, inside the other phases; other: step minus "
+                 "the phases (relaxation, loss, hooks); %peak: FLOP/s over wall time, 'CPU': over the step's CPU "
+                 "time / threads, what a dedicated machine would see; RSS: the process's peak so far)")
+    by_name = {r.name: r for r in results}
+    if "efficient" in by_name and "naive" in by_name:
+        naive, fast = by_name["naive"], by_name["efficient"]
+        lines.append(f"efficient vs naive: {naive.step_s / fast.step_s:.2f}x faster per step in wall time, "
+                     f"{naive.step_cpu_s / fast.step_cpu_s:.2f}x in CPU time")
+    if "efficient" in by_name and "bf16" in by_name:
+        diff = max(abs(a - b) for a, b in zip(by_name["efficient"].answer_loglik, by_name["bf16"].answer_loglik))
+        fp32, bf16 = by_name["efficient"], by_name["bf16"]
+        lines.append(f"bf16 vs fp32 generator: {fp32.step_s / bf16.step_s:.2f}x faster per step in wall time, "
+                     f"{fp32.step_cpu_s / bf16.step_cpu_s:.2f}x in CPU time; "
+                     f"mean per-token answer log-likelihood differs by at most {diff:.4f} nats")
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (medians reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one profiled step per variant")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("override", nargs="*", help="training-config overrides for every variant, e.g. relax.k=3")
+
+
+def run(args: argparse.Namespace) -> int:
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    shape = SHAPES[args.shape]
+    peak_size = 512 if args.shape == "tiny" else 1024
+    peaks = {"float32": gemm_peak(torch.float32, peak_size)}
+    if "bf16" in variants:
+        peaks["bfloat16"] = gemm_peak(torch.bfloat16, peak_size)
+    records = synthetic_records(shape, shape.batch * (args.warmup + args.steps), args.seed)
+    results = [run_variant(shape, v, args, records) for v in variants]
+    # Probed again after the steps; the better of the two is the peak (the machine may be shared).
+    peaks = {dtype: max(peak, gemm_peak(getattr(torch, dtype), peak_size)) for dtype, peak in peaks.items()}
+    text = report(args.shape, results, peaks, torch.get_num_threads())
+    for r in results:
+        if r.profile_table:
+            print(f"--- profile of one {r.name} step\n{r.profile_table}")
+    print(text, flush=True)
+    if args.json:
+        payload = {"shape": args.shape, "threads": torch.get_num_threads(), "gemm_peak_flops": peaks,
+                   "torch": torch.__version__, "results": [vars(r) | {"profile_table": ""} for r in results]}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m grerank_dist.bench", description=__doc__.splitlines()[0])
+    configure_parser(_parser)
+    sys.exit(run(_parser.parse_args()))
