@@ -37,6 +37,7 @@ from grerank_dist.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEFAULT_OUT = "runs/demo"
 
 # Sizes: the full demo (about 10 minutes on 2 cores) and a quick pass through every stage. The
 # reader gets its own, larger split: on 3,000 queries a tiny reader memorises the training
@@ -223,9 +224,13 @@ def reader_table_markdown(report: dict[str, Any]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default runs/demo, runs/demo_smollm2 for --generator smollm2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the noise")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a pass through every stage in about a minute")
+    parser.add_argument("--generator", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny: the synthetic benchmark with a tiny CEPE reader trained here (default); smollm2: "
+                        "natural-sentence reading with the frozen SmolLM2-135M-Instruct and a MiniLM reranker "
+                        "(the `grerank fetch-models` cache, configs/demo_smollm2.yaml; --reader/--initial do not apply)")
     parser.add_argument("--reader", type=Path, help="reuse this frozen reader directory instead of training one "
                         "(it must come from the same --seed, whose data the demo regenerates)")
     parser.add_argument("--initial", type=Path, help="start from this reranker directory instead of making a weak "
@@ -234,6 +239,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.generator == "smollm2":
+        if args.reader or args.initial:
+            raise SystemExit("grerank demo: --reader and --initial apply to --generator tiny only")
+        from grerank_dist.demo_smollm2 import run_smollm2_demo
+
+        out = Path(args.out) if args.out != DEFAULT_OUT else Path("runs/demo_smollm2")
+        run_smollm2_demo(out, seed=args.seed, quick=args.quick, overrides=args.overrides)
+        return 0
     run_demo(Path(args.out), seed=args.seed, quick=args.quick, overrides=args.overrides, reader=args.reader,
              initial=args.initial)
     return 0
