@@ -1,6 +1,7 @@
 """`grerank demo`: the whole system on a laptop CPU in minutes, through the real code paths.
 
     grerank demo [--out runs/demo] [--seed 0] [--quick] [--reader DIR] [--initial DIR] [key=value ...]
+    grerank demo --generator smollm2 [--quick] [key=value ...]   (real models: grerank_dist.demo_smollm2)
 
 1. make the synthetic multi-hop benchmark (bridge questions whose answer needs a document that
    does not contain it, and comparison questions);
