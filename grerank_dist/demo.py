@@ -1,6 +1,7 @@
 """`grerank demo`: the whole system on a laptop CPU in minutes, through the real code paths.
 
     grerank demo [--out runs/demo] [--seed 0] [--quick] [--generator cepe|fid] [--reader DIR] [--initial DIR] [key=value ...]
+    grerank demo --generator smollm2 [--quick] [key=value ...]   (real models: grerank_dist.demo_smollm2)
 
 1. make the synthetic multi-hop benchmark (bridge questions whose answer needs a document that
    does not contain it, and comparison questions);
@@ -47,6 +48,7 @@ from grerank_dist.synthetic import generate_records, split_seed, write_synthetic
 from grerank_dist.tracking import read_metrics
 from grerank_dist.train import train
 
+DEFAULT_OUT = "runs/demo"
 
 # Sizes: the full demo (about 10 minutes on 2 cores) and a quick pass through every stage. The
 # reader gets its own, larger split: on 3,000 queries a tiny reader memorises the training
@@ -251,11 +253,14 @@ def reader_table_markdown(report: dict[str, Any]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default runs/demo, runs/demo_smollm2 for --generator smollm2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the noise")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a pass through every stage in about a minute")
-    parser.add_argument("--generator", choices=READER_GENERATORS, default="cepe",
-                        help="reader family: cepe (configs/demo.yaml) or fid (configs/demo_fid.yaml)")
+    parser.add_argument("--generator", choices=(*READER_GENERATORS, "smollm2"), default="cepe",
+                        help="cepe or fid: the synthetic benchmark with a tiny reader of that family trained here "
+                        "(configs/demo.yaml, configs/demo_fid.yaml); smollm2: natural-sentence reading with the frozen "
+                        "SmolLM2-135M-Instruct and a MiniLM reranker (the `grerank fetch-models` cache, "
+                        "configs/demo_smollm2.yaml; --reader/--initial do not apply)")
     parser.add_argument("--reader", type=Path, help="reuse this frozen reader directory instead of training one "
                         "(it must come from the same --seed and --generator, whose data the demo regenerates)")
     parser.add_argument("--initial", type=Path, help="start from this reranker directory instead of making a weak "
@@ -264,6 +269,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.generator == "smollm2":
+        if args.reader or args.initial:
+            raise SystemExit("grerank demo: --reader and --initial apply to --generator cepe|fid only")
+        from grerank_dist.demo_smollm2 import run_smollm2_demo
+
+        out = Path(args.out) if args.out != DEFAULT_OUT else Path("runs/demo_smollm2")
+        run_smollm2_demo(out, seed=args.seed, quick=args.quick, overrides=args.overrides)
+        return 0
     run_demo(Path(args.out), seed=args.seed, quick=args.quick, overrides=args.overrides, reader=args.reader,
              initial=args.initial, generator=args.generator)
     return 0

@@ -118,14 +118,22 @@ def _retriever_score(question: str, text: str, noise: float, rng: random.Random)
     return round(len(words(question) & words(text)) + rng.gauss(0.0, noise), 4)
 
 
-def generate_reading_records(n_queries: int, seed: int, retriever_noise: float = 1.0) -> list[dict]:
-    """``n_queries`` records of one gold passage and two lookalike distractors each, in a noisy
-    retriever order; identical for identical arguments (one private RNG)."""
+def generate_reading_records(n_queries: int, seed: int, retriever_noise: float = 1.0, n_candidates: int = 3) -> list[dict]:
+    """``n_queries`` records of one gold passage and ``n_candidates - 1`` distractors each, in a
+    noisy retriever order; identical for identical arguments (one private RNG). The first two
+    distractors are the query's own lookalikes; any further ones are the gold and lookalike
+    passages of other draws of the same relation (same frame, other entities: they share the
+    question's wording, not its entity)."""
+    if n_candidates < 3:
+        raise ValueError(f"n_candidates must be at least 3 (a gold passage and its two lookalikes), got {n_candidates}")
     rng = random.Random(seed)
     records = []
     for index in range(n_queries):
         relation = rng.choice(sorted(RELATIONS))
         question, answer, gold, distractors = RELATIONS[relation](rng)
+        while len(distractors) < n_candidates - 1:
+            _, _, other_gold, other_distractors = RELATIONS[relation](rng)
+            distractors += [other_gold, *other_distractors][: n_candidates - 1 - len(distractors)]
         docs = [(*gold, True)] + [(title, text, False) for title, text in distractors]
         scored = sorted(((_retriever_score(question, doc[1], retriever_noise, rng), doc) for doc in docs), key=lambda pair: -pair[0])
         record_id = f"read{seed}-{index}"
