@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -157,7 +159,11 @@ def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str) -
         torch.testing.assert_close(batched[:, j], single, atol=1e-5, rtol=1e-5)
     prompts = torch.tensor([[3] + _ids("eta", "theta"), _ids("pi", "rho", "sigma")])
     prompt_mask = (prompts != 3).long()
-    cached = gen.generate(contexts, prompts, prompt_mask, masks, max_new_tokens=5, stop_token_ids=[], pad_token_id=3)
+    with warnings.catch_warnings():
+        # No deprecated keyword reaches transformers (5.24 warns on past_key_values=, 5.40 drops it
+        # silently, which would stop the cache from updating).
+        warnings.simplefilter("error")
+        cached = gen.generate(contexts, prompts, prompt_mask, masks, max_new_tokens=5, stop_token_ids=[], pad_token_id=3)
     uncached = gen.generate(contexts, prompts, prompt_mask, masks, max_new_tokens=5, pad_token_id=3, use_cache=False)
     assert cached.shape[:2] == (2, 3)
     assert cached.tolist() == uncached.tolist()

@@ -368,23 +368,23 @@ class _AttentionMassRecorder:
         self.per_layer.append(per_doc.mean(1))
 
 
-def _attention_cache_keyword() -> str:
-    """The keyword that hands LlamaAttention its KV cache in this transformers version.
+def cache_keyword(forward: Any) -> str:
+    """The keyword that hands a transformers module's ``forward`` its KV cache in this version.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and is removed
     in 5.40: passed then, it would be swallowed by ``**kwargs`` and the cache would stop updating).
     """
-    parameters = inspect.signature(LlamaAttention.forward).parameters
+    parameters = inspect.signature(forward).parameters
     for name in ("cache", "past_key_values"):
         if name in parameters:
             return name
     raise ImportError(
-        f"transformers {transformers.__version__}: LlamaAttention.forward takes neither 'cache' nor "
-        f"'past_key_values' (parameters: {', '.join(parameters)}); CEPE's generation cache needs one"
+        f"transformers {transformers.__version__}: {forward.__qualname__} takes neither 'cache' nor "
+        f"'past_key_values' (parameters: {', '.join(parameters)}); the generation cache needs one"
     )
 
 
-_ATTENTION_CACHE_KEYWORD = _attention_cache_keyword()
+_ATTENTION_CACHE_KEYWORD = cache_keyword(LlamaAttention.forward)
 
 
 class CepeDecoderLayer(nn.Module):

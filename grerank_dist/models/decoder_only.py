@@ -45,7 +45,7 @@ from grerank_dist.generator import (
     greedy_decode,
     stop_token_tensor,
 )
-from grerank_dist.models.cepe import Fp32LMHead, _causal_padding_mask
+from grerank_dist.models.cepe import Fp32LMHead, _causal_padding_mask, cache_keyword
 
 ATTENTION_NAME = "grerank_parallel_context"
 # Architectures whose attention modules call the registered attention function with
@@ -216,6 +216,7 @@ class DecoderOnlyGenerator(nn.Module):
         self.prefix_ids = list(prefix_ids)
         self.input_format = input_format
         self.checkpoint_layers = False
+        self._cache_keyword = cache_keyword(type(lm.model).forward)
         self.lm.requires_grad_(False)
         self.lm.eval()
 
@@ -255,7 +256,7 @@ class DecoderOnlyGenerator(nn.Module):
             prefix = torch.tensor([self.prefix_ids], device=device)
             self.lm.model(
                 input_ids=prefix, attention_mask=_causal_padding_mask(torch.ones_like(prefix), prefix_len, dtype),
-                position_ids=torch.arange(prefix_len, device=device)[None], past_key_values=cache, use_cache=True,
+                position_ids=torch.arange(prefix_len, device=device)[None], use_cache=True, **{self._cache_keyword: cache},
             )
             prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
             cache = DynamicCache()
@@ -267,7 +268,7 @@ class DecoderOnlyGenerator(nn.Module):
         self.lm.model(
             input_ids=docs, attention_mask=_causal_padding_mask(full_mask, doc_len, dtype),
             position_ids=(prefix_len + torch.arange(doc_len, device=device)).expand(batch * n_docs, doc_len),
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{self._cache_keyword: cache},
         )
         keys, values = [], []
         for layer in cache.layers:
@@ -343,7 +344,7 @@ class DecoderOnlyGenerator(nn.Module):
         try:
             out = self.lm.model(
                 input_ids=input_ids, attention_mask=_causal_padding_mask(attention_mask, query_len, dtype),
-                position_ids=positions, past_key_values=cache, use_cache=cache is not None, parallel_keys=keys,
+                position_ids=positions, use_cache=cache is not None, parallel_keys=keys, **{self._cache_keyword: cache},
             )
         finally:
             for layer in layers:
