@@ -185,3 +185,17 @@ def _all_ranks_done(finished: torch.Tensor) -> bool:
     flag = local_done.to(torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def answer_logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor, masks_per_query: int | None
+) -> AnswerLogProbs:
+    """Per-token log-probabilities of the answer: ``logits`` [N, V] predict the N tokens where
+    ``is_target`` [R, S] is True (in row-major order), ``labels`` [R, S] holds them. With
+    ``masks_per_query`` (3-D log-masks) the R = B*m rows come back as [B, m, S]."""
+    picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=logits.device).masked_scatter(is_target, picked)
+    if masks_per_query is not None:
+        token_logprobs = token_logprobs.reshape(-1, masks_per_query, labels.shape[1])
+        is_target = is_target.reshape(-1, masks_per_query, labels.shape[1])
+    return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)

@@ -55,6 +55,7 @@ from grerank_dist.generator import (
     EncodedContexts,
     GeneratorFamily,
     InputFormat,
+    answer_logprobs_from_logits,
     greedy_decode,
     stop_token_tensor,
 )
@@ -879,15 +880,9 @@ class CepeForCausalContextLM(PreTrainedModel):
             raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
         is_target = labels != -100
         is_target[:, 0] = False  # nothing predicts the first token
-        predicting = hidden[:, :-1][is_target[:, 1:]]
-        logits = self.lm_head(predicting)
-        picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device)
-        token_logprobs = token_logprobs.masked_scatter(is_target, picked)
-        if doc_log_mask is not None and doc_log_mask.dim() == 3:
-            token_logprobs = token_logprobs.reshape(-1, masks_per_query, labels.shape[1])
-            is_target = is_target.reshape(-1, masks_per_query, labels.shape[1])
-        return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+        logits = self.lm_head(hidden[:, :-1][is_target[:, 1:]])
+        per_query = masks_per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
+        return answer_logprobs_from_logits(logits, labels, is_target, per_query)
 
     @torch.no_grad()
     def document_attention_mass(

@@ -42,6 +42,7 @@ from grerank_dist.generator import (
     EncodedContexts,
     GeneratorFamily,
     InputFormat,
+    answer_logprobs_from_logits,
     greedy_decode,
     stop_token_tensor,
 )
@@ -372,12 +373,9 @@ class DecoderOnlyGenerator(nn.Module):
         is_target = labels != -100
         is_target[:, 0] = False  # nothing predicts the first token
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][is_target[:, 1:]])
-        picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=hidden.device).masked_scatter(is_target, picked)
-        if doc_log_mask is not None and doc_log_mask.dim() == 3:
-            token_logprobs = token_logprobs.reshape(-1, per_query, labels.shape[1])
-            is_target = is_target.reshape(-1, per_query, labels.shape[1])
-        return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+        return answer_logprobs_from_logits(
+            logits, labels, is_target, per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
+        )
 
     @torch.no_grad()
     def document_attention_mass(
