@@ -199,3 +199,17 @@ def answer_logprobs_from_logits(
         token_logprobs = token_logprobs.reshape(-1, masks_per_query, labels.shape[1])
         is_target = is_target.reshape(-1, masks_per_query, labels.shape[1])
     return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+
+
+def checked_document_mask(encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The documents' attention mask [B, n, L] (all ones when None), after checking both shapes."""
+    if encoder_input_ids.dim() != 3:
+        raise ValueError(f"encoder_input_ids must be [B, n, L], got shape {tuple(encoder_input_ids.shape)}")
+    if encoder_attention_mask is None:
+        return torch.ones_like(encoder_input_ids)
+    if encoder_attention_mask.shape != encoder_input_ids.shape:
+        raise ValueError(
+            f"encoder_attention_mask shape {tuple(encoder_attention_mask.shape)} differs from "
+            f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
+        )
+    return encoder_attention_mask

@@ -56,6 +56,7 @@ from grerank_dist.generator import (
     GeneratorFamily,
     InputFormat,
     answer_logprobs_from_logits,
+    checked_document_mask,
     greedy_decode,
     stop_token_tensor,
 )
@@ -787,15 +788,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         Runs without autograd unless some encoder parameter requires grad (reader training):
         the frozen encoder does not depend on the mask, so a graph would only cost memory.
         """
-        if encoder_input_ids.dim() != 3:
-            raise ValueError(f"encoder_input_ids must be [B, n, L], got shape {tuple(encoder_input_ids.shape)}")
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones_like(encoder_input_ids)
-        if encoder_attention_mask.shape != encoder_input_ids.shape:
-            raise ValueError(
-                f"encoder_attention_mask shape {tuple(encoder_attention_mask.shape)} differs from "
-                f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
-            )
+        encoder_attention_mask = checked_document_mask(encoder_input_ids, encoder_attention_mask)
         batch, n_docs, doc_len = encoder_input_ids.shape
         n_states = len(self.config.cross_attention_layer_ids()) if self.config.num_cross_attn_hidden_states > 1 else 1
         trainable = any(p.requires_grad for p in self.encoder.parameters())

@@ -43,6 +43,7 @@ from grerank_dist.generator import (
     GeneratorFamily,
     InputFormat,
     answer_logprobs_from_logits,
+    checked_document_mask,
     greedy_decode,
     stop_token_tensor,
 )
@@ -239,15 +240,7 @@ class DecoderOnlyGenerator(nn.Module):
     @torch.no_grad()
     def encode_contexts(self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None) -> DecoderContexts:
         """Pre-fill the shared prefix once and then the B*n documents after it, all at positions P..P+L-1."""
-        if encoder_input_ids.dim() != 3:
-            raise ValueError(f"encoder_input_ids must be [B, n, L], got shape {tuple(encoder_input_ids.shape)}")
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones_like(encoder_input_ids)
-        if encoder_attention_mask.shape != encoder_input_ids.shape:
-            raise ValueError(
-                f"encoder_attention_mask shape {tuple(encoder_attention_mask.shape)} differs from "
-                f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
-            )
+        encoder_attention_mask = checked_document_mask(encoder_input_ids, encoder_attention_mask)
         batch, n_docs, doc_len = encoder_input_ids.shape
         device = encoder_input_ids.device
         dtype = self.lm.get_input_embeddings().weight.dtype

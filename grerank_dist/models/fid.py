@@ -44,6 +44,7 @@ from grerank_dist.generator import (
     GeneratorFamily,
     InputFormat,
     answer_logprobs_from_logits,
+    checked_document_mask,
     greedy_decode,
     stop_token_tensor,
 )
@@ -163,15 +164,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
     ) -> EncodedContexts:
         """Encode the B*n (question, passage) inputs [B, n, L] independently, without autograd
         unless an encoder parameter is trainable (reader training)."""
-        if encoder_input_ids.dim() != 3:
-            raise ValueError(f"encoder_input_ids must be [B, n, L], got shape {tuple(encoder_input_ids.shape)}")
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones_like(encoder_input_ids)
-        if encoder_attention_mask.shape != encoder_input_ids.shape:
-            raise ValueError(
-                f"encoder_attention_mask shape {tuple(encoder_attention_mask.shape)} differs from "
-                f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
-            )
+        encoder_attention_mask = checked_document_mask(encoder_input_ids, encoder_attention_mask)
         batch, n_docs, doc_len = encoder_input_ids.shape
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
