@@ -1,9 +1,10 @@
 """Records, validation, tokenisation and batching.
 
-Records follow the FiD/DPR JSON-lines convention: ``question``, ``answers`` (``answer`` and
+Records follow the FiD/DPR convention (JSON lines, a JSON list, Parquet or a ``datasets``
+directory: :func:`raw_records`): ``question``, ``answers`` (``answer`` and
 FiD's ``target`` accepted), ``ctxs`` of ``{title, text}`` with optional ``id``, ``score``,
 ``has_answer`` (``hasanswer`` accepted) and ``is_supporting``. Every record is checked as it is
-read; a bad one is an error naming the file, the line and the field (or, when the user asks,
+read; a bad one is an error naming the file, the line (record index) and the field (or, when the user asks,
 skipped and counted). When every ctx of a record has a ``score`` the ctxs are first ordered by
 it, descending, ties in file order (as FiD does: the retriever's ranking, whatever order the
 file is written in); ``candidate_order="file"`` keeps the file's order. The first
@@ -19,6 +20,7 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ class ReadReport:
     truncated: int = 0  # records with more ctxs than n_candidates
     padded: int = 0  # records with fewer
     reordered: int = 0  # records whose ctxs were not in score order in the file
+    first_error: str = ""  # the first skipped record's message
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
@@ -144,44 +147,117 @@ def normalize_record(raw: Any, where: str, n_candidates: int, candidate_order: s
     }
 
 
-def read_records(
-    path: str | Path, n_candidates: int, skip_bad: bool = False, candidate_order: str = "score"
-) -> tuple[list[dict[str, Any]], ReadReport]:
-    """Read and check a JSON-lines file. With ``skip_bad`` bad records are counted, not raised;
-    ``candidate_order`` is ``data.candidate_order`` (see the module docstring)."""
-    if candidate_order not in CANDIDATE_ORDERS:
-        raise ValueError(f"candidate_order must be one of {CANDIDATE_ORDERS}, got {candidate_order!r}")
+def _without_nulls(value: Any) -> Any:
+    """An Arrow row as JSON would give it: a null field is an absent one (Parquet and Arrow
+    store every column for every row, so a missing key reads back as None)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    """The record batches of a Parquet file or of a directory written by ``datasets.save_to_disk``."""
+    if path.is_dir():
+        import datasets
+
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError as exc:
+            raise RecordError(f"{path}: not a directory written by datasets.save_to_disk ({exc})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            raise RecordError(f"{path}: holds several splits ({', '.join(dataset)}); give the directory of one")
+        yield from dataset.with_format("arrow").iter(batch_size=1000)
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except OSError as exc:
+            raise RecordError(f"{path}: cannot open data file ({exc})") from exc
+        yield from parquet.iter_batches(batch_size=1000)
+
+
+def raw_records(path: str | Path) -> Iterator[tuple[str, int, Any]]:
+    """``(where, position, record)`` for every record of a training or evaluation file, unchecked.
+
+    JSON lines (``where`` = "file:line", position = the line), a ``.json`` list, a ``.parquet``
+    file or a ``datasets.save_to_disk`` directory (``where`` = "file[i]", position = i). A JSON
+    line that does not parse comes as a :class:`RecordError` in place of the record, so the
+    caller can skip it like any other bad record.
+    """
     path = Path(path)
-    report = ReadReport(str(path))
-    records: list[dict[str, Any]] = []
+    if path.is_dir() or path.suffix == ".parquet":
+        position = 0
+        for batch in _arrow_batches(path):
+            for raw in batch.to_pylist():
+                yield f"{path}[{position}]", position, _without_nulls(raw)
+                position += 1
+        return
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
         raise RecordError(f"{path}: cannot open data file ({exc.strerror})") from exc
     with handle:
+        if path.suffix == ".json":
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(records, list):
+                raise RecordError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+            for position, raw in enumerate(records):
+                yield f"{path}[{position}]", position, raw
+            return
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                record = normalize_record(raw, where, n_candidates, candidate_order)
-            except RecordError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped[str(exc).split(": ", 1)[1].split(":")[0]] += 1
-                continue
-            record["line"] = line_no
-            report.truncated += record["n_ctxs_in_file"] > n_candidates
-            report.padded += record["n_ctxs_in_file"] < n_candidates
-            report.reordered += record["reordered"]
-            records.append(record)
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raw = RecordError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            yield where, line_no, raw
+
+
+def iter_records(
+    path: str | Path, n_candidates: int, report: ReadReport, skip_bad: bool = False, candidate_order: str = "score"
+) -> Iterator[dict[str, Any]]:
+    """Check and normalise every record of ``path`` (see :func:`raw_records` for the formats),
+    counting in ``report``; with ``skip_bad`` bad records are counted, not raised. The first
+    bad record's message is kept in ``report.first_error``."""
+    if candidate_order not in CANDIDATE_ORDERS:
+        raise ValueError(f"candidate_order must be one of {CANDIDATE_ORDERS}, got {candidate_order!r}")
+    for where, position, raw in raw_records(path):
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            record = normalize_record(raw, where, n_candidates, candidate_order)
+        except RecordError as exc:
+            if not skip_bad:
+                raise
+            report.first_error = report.first_error or str(exc)
+            report.skipped[str(exc)[len(where) + 2 :].split(":")[0]] += 1
+            continue
+        record["line"] = position
+        report.kept += 1
+        report.truncated += record["n_ctxs_in_file"] > n_candidates
+        report.padded += record["n_ctxs_in_file"] < n_candidates
+        report.reordered += record["reordered"]
+        yield record
+
+
+def read_records(
+    path: str | Path, n_candidates: int, skip_bad: bool = False, candidate_order: str = "score"
+) -> tuple[list[dict[str, Any]], ReadReport]:
+    """Read and check a data file into memory (:func:`iter_records`); ``candidate_order`` is
+    ``data.candidate_order`` (see the module docstring). Training reads through
+    :mod:`grerank_dist.dataset` instead, which keeps the records in Arrow."""
+    report = ReadReport(str(path))
+    records = list(iter_records(path, n_candidates, report, skip_bad, candidate_order))
     if not records:
         raise RecordError(f"{path}: no usable records ({report.summary()})")
-    report.kept = len(records)
     return records, report
 
 
@@ -290,23 +366,49 @@ class Collator:
         kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
         return self.gen_tok(texts, add_special_tokens=False, **kwargs)["input_ids"]
 
-    def __call__(self, records: list[dict[str, Any]], record_ids: list[int], epoch: int = 0) -> Batch:
+    def encode(self, records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """Everything of a batch that does not depend on the epoch, per record, unpadded: the
+        token ids (every gold answer's: which one trains depends on the epoch), the candidate
+        mask, the gold labels and the retriever's scores. :mod:`grerank_dist.dataset` stores it."""
         d, n = self.data, self.data.n_candidates
-        bsz = len(records)
+        features: dict[str, list[Any]] = {}
         if self.rr_tok is not None:
-            rr, valid = reranker_pairs(records, self.rr_tok, d, self.rr_max_length)
-        else:
-            rr, valid = {}, candidate_mask(records, n)
-        questions = [r["question"] for r in records for _ in range(n)]
+            pairs = self.rr_tok(*_reranker_texts(records, d), truncation=True, max_length=self.rr_max_length)
+            for key, rows in pairs.items():
+                if key != "attention_mask":  # all ones before padding
+                    features[f"rr_{key}"] = [rows[b * n : (b + 1) * n] for b in range(len(records))]
         docs = [
-            self.format.doc_template.format(title=ctx["title"], text=ctx["text"], question=q)
-            for ctx, q in zip(_padded_ctxs(records, n), questions)
+            self.format.doc_template.format(title=ctx["title"], text=ctx["text"], question=r["question"])
+            for r in records
+            for ctx in _padded_ctxs([r], n)
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
+        features["doc_ids"] = [doc_ids[b * n : (b + 1) * n] for b in range(len(records))]
+        features["prompt_ids"] = self._gen_ids([self.format.prompt_template.format(question=r["question"]) for r in records])
+        features["answer_ids"] = [self._gen_ids(r["answers"]) for r in records]
+        features["valid"] = candidate_mask(records, n).tolist()
+        features["relevant"] = relevance_mask(records, n).tolist()
+        features["retriever_scores"] = retriever_score_matrix(records, n).tolist()
+        return features
+
+    def pad(self, features: dict[str, list[Any]], answer_index: list[int], record_ids: list[int]) -> Batch:
+        """A :class:`Batch` from :meth:`encode`'s features of B records, training on answer
+        ``answer_index[b]`` of record b."""
+        d, n = self.data, self.data.n_candidates
+        bsz = len(answer_index)
+        rr = {}
+        if self.rr_tok is not None:
+            pairs = [pair for rows in features["rr_input_ids"] for pair in rows]
+            left = self.rr_tok.padding_side == "left"
+            rr["input_ids"] = _pad(pairs, self.rr_tok.pad_token_id, left)
+            if "rr_token_type_ids" in features:
+                types = [pair for rows in features["rr_token_type_ids"] for pair in rows]
+                rr["token_type_ids"] = _pad(types, self.rr_tok.pad_token_type_id, left)
+            rr["attention_mask"] = _pad([[1] * len(pair) for pair in pairs], 0, left)
         # A padded (invalid) candidate still gets one real token so the encoder never sees an
         # empty document; its log-mask is -inf, so the generator never attends to it.
         filler = self.gen_tok.eos_token_id if self.gen_tok.eos_token_id is not None else self.gen_pad
-        doc_ids = [ids if ids else [filler] for ids in doc_ids]
+        doc_ids = [ids if ids else [filler] for rows in features["doc_ids"] for ids in rows]
         # CEPE's encoder gives every document position ids 0..L-1 whatever its padding (as the
         # release does), but RoPE scores depend only on position differences and padding keys are
         # masked: the batch's longest width gives the same outputs up to rounding
@@ -316,19 +418,16 @@ class Collator:
         enc_mask = _pad([[1] * len(ids) for ids in doc_ids], 0, left=True, width=width)
 
         bos = [self.gen_tok.bos_token_id] if self.format.prompt_bos and self.gen_tok.bos_token_id is not None else []
-        prompts = self._gen_ids([self.format.prompt_template.format(question=r["question"]) for r in records])
-        answers = self._gen_ids(
-            [training_answer(r, d.answer_choice, self.seed, epoch) for r in records]
-        )
+        answers = [ids[i] for ids, i in zip(features["answer_ids"], answer_index)]
         eos = [self.gen_tok.eos_token_id] if d.answer_eos else []
-        prompt_rows = [bos + p for p in prompts]
+        prompt_rows = [bos + p for p in features["prompt_ids"]]
         full_rows = [p + a + eos for p, a in zip(prompt_rows, answers)]
         label_rows = [[-100] * len(p) + a + eos for p, a in zip(prompt_rows, answers)]
         return Batch(
             reranker_inputs=rr,
-            valid=valid,
-            relevant=relevance_mask(records, n),
-            retriever_scores=retriever_score_matrix(records, n),
+            valid=torch.tensor(features["valid"], dtype=torch.bool).view(bsz, n),
+            relevant=torch.tensor(features["relevant"], dtype=torch.bool).view(bsz, n),
+            retriever_scores=torch.tensor(features["retriever_scores"], dtype=torch.float32).view(bsz, n),
             encoder_input_ids=enc.view(bsz, n, -1),
             encoder_attention_mask=enc_mask.view(bsz, n, -1),
             input_ids=_pad(full_rows, self.gen_pad, left=False),
@@ -339,11 +438,25 @@ class Collator:
             record_ids=list(record_ids),
         )
 
+    def answer_index(self, record: dict[str, Any], epoch: int) -> int:
+        """Which of the record's answers trains in ``epoch`` (:func:`training_answer`)."""
+        return record["answers"].index(training_answer(record, self.data.answer_choice, self.seed, epoch))
+
+    def __call__(self, records: list[dict[str, Any]], record_ids: list[int], epoch: int = 0) -> Batch:
+        return self.pad(self.encode(records), [self.answer_index(r, epoch) for r in records], record_ids)
+
 
 def _padded_ctxs(records: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
     """The first n candidates of each record, padded with empty ones, flattened to B*n."""
     empty = {"title": "", "text": ""}
     return [ctx for r in records for ctx in (r["ctxs"][:n] + [empty] * max(0, n - len(r["ctxs"])))]
+
+
+def _reranker_texts(records: list[dict[str, Any]], data: DataConfig) -> tuple[list[str], list[str]]:
+    """The (question, passage) pairs of every candidate, padding included, flattened to B*n."""
+    n = data.n_candidates
+    passages = [data.passage_template.format(title=c["title"], text=c["text"]) for c in _padded_ctxs(records, n)]
+    return [r["question"] for r in records for _ in range(n)], passages
 
 
 def reranker_pairs(
@@ -352,11 +465,9 @@ def reranker_pairs(
     """Cross-encoder inputs for every (question, passage) pair, flattened to [B*n, Lr], and the
     [B, n] mask of real candidates. Pairs are truncated longest-first to ``max_length``, as the
     usual cross-encoder tools do."""
-    n = data.n_candidates
-    passages = [data.passage_template.format(title=c["title"], text=c["text"]) for c in _padded_ctxs(records, n)]
-    questions = [r["question"] for r in records for _ in range(n)]
+    questions, passages = _reranker_texts(records, data)
     inputs = tokenizer(questions, passages, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return dict(inputs), candidate_mask(records, n)
+    return dict(inputs), candidate_mask(records, data.n_candidates)
 
 
 def candidate_mask(records: list[dict[str, Any]], n: int) -> torch.Tensor:
