@@ -82,6 +82,15 @@ class DataConfig:
     # score: candidates ordered by their `score` (descending, ties in file order) before the
     # first n_candidates are kept, when every candidate of the record has one; file: file order.
     candidate_order: str = "score"
+    # Training reads train_file (JSON lines, a JSON list, Parquet, or a datasets.save_to_disk
+    # directory) into Arrow once, with its token ids, under cache_dir ("": $GRERANK_DATA_DIR or
+    # ~/.cache/grerank_dist/data), keyed by the file, the tokenizers and the templates; later runs
+    # memory-map it (grerank_dist/dataset.py).
+    cache_dir: str = ""
+    # Processes that tokenise the file when the cache is built (0: every core this process may use).
+    tokenize_workers: int = 0
+    # DataLoader processes that pad each rank's coming batches during the step (0: in the loop).
+    num_workers: int = 1
 
 
 @dataclass
@@ -333,6 +342,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         ("train.stop_at_step", t.stop_at_step, 0),
         ("train.warmup_steps", t.warmup_steps, 0),
         ("data.doc_max_tokens", d.doc_max_tokens, 1),
+        ("data.tokenize_workers", d.tokenize_workers, 0),
+        ("data.num_workers", d.num_workers, 0),
         ("reranker.max_length", config.reranker.max_length, 8),
         ("generator.max_new_tokens", config.generator.max_new_tokens, 1),
         ("objective.dro_samples", config.objective.dro_samples, 1),

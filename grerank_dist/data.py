@@ -15,6 +15,7 @@ evaluation's "retriever" baseline and the tie-break of every top-k.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -290,23 +291,17 @@ class Batch:
     record_ids: list[int]  # positions in the dataset
 
     def to(self, device: torch.device | str) -> "Batch":
-        moved = {k: v.to(device) for k, v in self.reranker_inputs.items()}
+        return self._apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (a DataLoader with ``pin_memory`` calls it), for asynchronous copies to the GPU."""
+        return self._apply(torch.Tensor.pin_memory)
+
+    def _apply(self, fn: Any) -> "Batch":
         tensors = {
-            name: getattr(self, name).to(device)
-            for name in (
-                "valid",
-                "relevant",
-                "retriever_scores",
-                "encoder_input_ids",
-                "encoder_attention_mask",
-                "input_ids",
-                "attention_mask",
-                "labels",
-                "prompt_ids",
-                "prompt_attention_mask",
-            )
+            f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return Batch(reranker_inputs=moved, record_ids=self.record_ids, **tensors)
+        return Batch(reranker_inputs={k: fn(v) for k, v in self.reranker_inputs.items()}, record_ids=self.record_ids, **tensors)
 
     @property
     def size(self) -> int:

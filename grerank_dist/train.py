@@ -13,6 +13,7 @@ import argparse
 import math
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import Batch, Collator, MicroBatchSchedule, read_records
+from grerank_dist.data import Batch, Collator, MicroBatchSchedule
+from grerank_dist.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens, step_loader
 from grerank_dist.generator import ParallelContextGenerator
 from grerank_dist.models import RANDOM_PREFIX, load_generator
 from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, ObjectiveOutput
@@ -48,7 +50,7 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def record_texts(records: list[dict[str, Any]], config: TrainConfig) -> list[str]:
+def record_texts(records: Iterable[dict[str, Any]], config: TrainConfig) -> list[str]:
     """Every text a word-level tokenizer of a random:tiny model must cover."""
     d = config.data
     texts = [d.prompt_template.format(question=r["question"]) for r in records]
@@ -71,7 +73,7 @@ def build_generator(
     return strategy.build_generator_engine(model), tokenizer
 
 
-def build_reranker(config: TrainConfig, records: list[dict[str, Any]]) -> tuple[torch.nn.Module, Any]:
+def build_reranker(config: TrainConfig, records: Iterable[dict[str, Any]]) -> tuple[torch.nn.Module, Any]:
     spec = config.reranker
     if spec.path.startswith(RANDOM_PREFIX):
         if spec.path != f"{RANDOM_PREFIX}tiny":
@@ -146,12 +148,13 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(config.seed)
 
-    # Data: every rank reads and checks the whole file; the schedule picks each rank's share.
-    # A query with no more than k candidates gets mask 1 everywhere and no gradient: left out.
-    records, report = read_records(
-        config.data.train_file, config.data.n_candidates, config.data.skip_bad_records, config.data.candidate_order
-    )
-    records = [r for r in records if len(r["ctxs"]) > config.relax.k]
+    # Data: rank 0 reads and checks the file into Arrow once (cached); every rank memory-maps it,
+    # and the schedule picks each rank's share. A query with no more than k candidates gets mask 1
+    # everywhere and no gradient: left out.
+    ranks = Ranks(strategy.rank, strategy.local_rank, strategy.all_gather_object)
+    all_records, report, records_key = load_records(config.data, ranks)
+    keep = [i for i, count in enumerate(candidate_counts(all_records)) if count > config.relax.k]
+    records = all_records.select(keep)
     if strategy.is_main:
         print(report.summary(), flush=True)
         if len(records) < report.kept:
@@ -170,6 +173,9 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
         config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=config.seed,
         input_format=generator.input_format,
     )
+    # Token ids are built once per file and tokenizers (cached like the records); DataLoader
+    # workers pad the coming micro-steps' batches during the step.
+    tokens = load_tokens(all_records, records_key, collate, config.data, ranks).select(keep)
     schedule = MicroBatchSchedule(
         len(records), config.train.micro_batch_size, strategy.world_size, strategy.rank, config.seed
     )
@@ -200,6 +206,9 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     stop_signal = StopSignal()
     last_step = min(config.train.stop_at_step or config.train.max_steps, config.train.max_steps)
     done, signalled = start_step, False
+    # Workers start here, after the stop-signal handlers, which they inherit.
+    batches = iter(step_loader(StepBatches(tokens, schedule, collate), start_step * accum, last_step * accum,
+                               config.data.num_workers, pin_memory=strategy.device.type == "cuda"))
     for step in range(start_step, last_step):
         lr = strategy.learning_rate()  # the rate this step's update uses
         losses, max_weights, max_masks, objective_stats = [], [], [], []
@@ -209,9 +218,8 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
             # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
             torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
             noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
-            started = time.perf_counter()
-            ids = schedule.indices(micro_step)
-            batch = collate([records[i] for i in ids], ids, epoch=schedule.epoch_of(micro_step)).to(strategy.device)
+            started = time.perf_counter()  # data time: the wait for the prepared batch
+            batch = next(batches).to(strategy.device)
             batched = time.perf_counter()
             out = training_step(strategy, reranker, generator, batch, config, noise)
             losses.append(out.loss.detach())

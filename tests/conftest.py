@@ -1,9 +1,12 @@
 """Test-wide environment: CPU DeepSpeed, no hub access, small thread counts."""
 
 import os
+import tempfile
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Training runs cache their Arrow data here, not in ~/.cache (grerank_dist/dataset.py).
+os.environ.setdefault("GRERANK_DATA_DIR", tempfile.mkdtemp(prefix="grerank-test-data-"))
