@@ -159,7 +159,7 @@ def load_records(data: DataConfig, ranks: Ranks = Ranks()) -> tuple[datasets.Dat
             writer.close()
         if not report.kept:
             raise RecordError(f"{data.train_file}: no usable records ({report.summary()})")
-        (tmp / "report.json").write_text(json.dumps(dataclasses.asdict(report)))
+        (tmp / "report.json").write_text(json.dumps({**vars(report), "skipped": dict(report.skipped)}))
 
     target = cached(cache_root(data) / f"records-{key}", build, ranks)
     saved = json.loads((target / "report.json").read_text())
@@ -217,12 +217,13 @@ def load_tokens(
 
     def build(tmp: Path) -> None:
         names = list(_encode_rows(records[:1], collator))
+        workers = min(data.tokenize_workers or len(os.sched_getaffinity(0)), len(records))
         tokens = records.map(
             _encode_rows,
             fn_kwargs={"collator": collator},
             batched=True,
             batch_size=64,
-            num_proc=min(data.tokenize_workers or len(os.sched_getaffinity(0)), len(records)),
+            num_proc=workers if workers > 1 else None,  # datasets runs even num_proc=1 in a subprocess
             remove_columns=records.column_names,
             features=_token_features(collator, names),
             cache_file_name=str(tmp / "tokens.arrow"),
