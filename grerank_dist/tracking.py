@@ -68,7 +68,7 @@ def _step_of(line: str) -> int | None:
 class ThroughputWindow:
     """Throughput over a logging window rather than one step's sample: queries per second of
     wall time since the last log (logging and checkpoints included), and the mean per-step
-    time spent building batches (collation, tokenisation) apart from the model step."""
+    wait for batches (DataLoader workers prepare them during the step) apart from the model step."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
