@@ -89,6 +89,9 @@ class DeepSpeedStrategy:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # Host-side flags (a stop signal) are agreed over a CPU group: deciding them every step
+        # never waits for the GPU's queued work, as an all-reduce on a CUDA tensor would.
+        self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -119,9 +122,10 @@ class DeepSpeedStrategy:
         return out / self.world_size
 
     def any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on any rank (keeps ranks in lock step)."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        """True on every rank when ``flag`` is True on any rank (keeps ranks in lock step); a CPU
+        all-reduce, so it costs no device synchronisation."""
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._host_group)
         return bool(value.item())
 
     def all_gather_object(self, obj: Any) -> list[Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from grerank_dist.checks import deferred_checks
 from grerank_dist.config import TrainConfig, load_config
 from grerank_dist.data import Batch, Collator, MicroBatchSchedule, read_records
 from grerank_dist.generator import ParallelContextGenerator
@@ -200,54 +201,60 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     stop_signal = StopSignal()
     last_step = min(config.train.stop_at_step or config.train.max_steps, config.train.max_steps)
     done, signalled = start_step, False
-    for step in range(start_step, last_step):
-        lr = strategy.learning_rate()  # the rate this step's update uses
-        losses, max_weights, max_masks, objective_stats = [], [], [], []
-        data_time = compute_time = 0.0
-        for micro in range(accum):
-            micro_step = step * accum + micro
-            # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
-            torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
-            noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
-            started = time.perf_counter()
-            ids = schedule.indices(micro_step)
-            batch = collate([records[i] for i in ids], ids, epoch=schedule.epoch_of(micro_step)).to(strategy.device)
-            batched = time.perf_counter()
-            out = training_step(strategy, reranker, generator, batch, config, noise)
-            losses.append(out.loss.detach())
-            max_weights.append(out.mean_max_weight)
-            max_masks.append(out.mean_max_mask)
-            data_time += batched - started
-            compute_time += time.perf_counter() - batched
-            objective_stats.append(out.stats)
-        throughput.add_step(queries, data_time, compute_time)
-        done = step + 1
-        bar.update(1)
-        signalled = strategy.any_rank(stop_signal.received)
-        stopping = done == last_step or signalled
-        if done % config.train.log_every == 0 or stopping:
-            loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
-            max_weight = strategy.all_reduce_mean(torch.stack(max_weights).mean()).item()
-            logger.log(
-                done,
-                {
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": strategy.grad_norm(),
-                    "mean_max_weight": max_weight,
-                    "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
-                    **throughput.summary(),  # queries_per_s over the window, data_time_s, step_time_s
-                    **{
-                        name: strategy.all_reduce_mean(torch.stack([s[name] for s in objective_stats]).float().mean()).item()
-                        for name in objective_stats[0]
+    # Value checks (NaN scores, masks that remove every document) are read at each log point,
+    # with the losses, instead of stalling every step on a device read (grerank_dist.checks).
+    with deferred_checks() as value_checks:
+        for step in range(start_step, last_step):
+            lr = strategy.learning_rate()  # the rate this step's update uses
+            losses, max_weights, max_masks, objective_stats = [], [], [], []
+            data_time = compute_time = 0.0
+            for micro in range(accum):
+                micro_step = step * accum + micro
+                # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
+                torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
+                noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
+                started = time.perf_counter()
+                ids = schedule.indices(micro_step)
+                batch = collate([records[i] for i in ids], ids, epoch=schedule.epoch_of(micro_step)).to(strategy.device)
+                batched = time.perf_counter()
+                out = training_step(strategy, reranker, generator, batch, config, noise)
+                losses.append(out.loss.detach())
+                max_weights.append(out.mean_max_weight)
+                max_masks.append(out.mean_max_mask)
+                data_time += batched - started
+                compute_time += time.perf_counter() - batched
+                objective_stats.append(out.stats)
+            throughput.add_step(queries, data_time, compute_time)
+            done = step + 1
+            bar.update(1)
+            signalled = strategy.any_rank(stop_signal.received)
+            stopping = done == last_step or signalled
+            saving = bool(config.train.save_every and done % config.train.save_every == 0) or stopping
+            if done % config.train.log_every == 0 or saving:
+                value_checks.raise_failed(f"training steps up to {done}")
+            if done % config.train.log_every == 0 or stopping:
+                loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
+                max_weight = strategy.all_reduce_mean(torch.stack(max_weights).mean()).item()
+                logger.log(
+                    done,
+                    {
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": strategy.grad_norm(),
+                        "mean_max_weight": max_weight,
+                        "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
+                        **throughput.summary(),  # queries_per_s over the window, data_time_s, step_time_s
+                        **{
+                            name: strategy.all_reduce_mean(torch.stack([s[name] for s in objective_stats]).float().mean()).item()
+                            for name in objective_stats[0]
+                        },
                     },
-                },
-            )
-            bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
-        if (config.train.save_every and done % config.train.save_every == 0) or stopping:
-            strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
-        if stopping:
-            break
+                )
+                bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
+            if saving:
+                strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
+            if stopping:
+                break
     stop_signal.restore()
     bar.close()
     logger.close()
