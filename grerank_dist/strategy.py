@@ -192,9 +192,25 @@ class DeepSpeedStrategy:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(f"the generator must be frozen, but {len(trainable)} parameters require grad: {trainable[:3]}")
-        engine, *_ = deepspeed.initialize(model=model, config=self.generator_ds_config())
+        ds_config = self.generator_ds_config()
+        self._ensure_hpz_group(ds_config)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         self.generator_engine = engine
         return engine.module
+
+    @staticmethod
+    def _ensure_hpz_group(ds_config: dict[str, Any]) -> None:
+        """Create the intra-node parameter group of hierarchical partitioning (hpZ) before the
+        engine: a model built outside ``deepspeed.zero.Init`` leaves it to the engine, whose
+        no-optimizer path in DeepSpeed 0.19.8 calls a method only the ZeRO-3 optimizer has
+        ("'DeepSpeedEngine' object has no attribute '_set_zero_group_parallelism'")."""
+        zero = ds_config["zero_optimization"]
+        hpz = int(zero.get("zero_hpz_partition_size", 1))
+        if zero.get("stage", 3) == 3 and hpz > 1:
+            from deepspeed.utils import groups
+
+            if groups._get_zero_param_intra_parallel_group() is None:
+                groups._create_zero_param_parallel_group(hpz)
 
     def build_reranker_engine(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
