@@ -281,7 +281,7 @@ def build_engines(shape: Shape, config: TrainConfig, seed: int, docs_pad_to_batc
     generator = strategy.build_generator_engine(model)
     rr_model, rr_tokenizer = tiny_reranker(gen_tokenizer_texts, seed=seed, hidden_size=shape.reranker_hidden,
                                            layers=shape.reranker_layers)
-    optimizer = torch.optim.AdamW(rr_model.parameters(), lr=config.train.lr)
+    optimizer = strategy.reranker_optimizer(rr_model.parameters(), config.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
     reranker.train()

@@ -212,12 +212,25 @@ class DeepSpeedStrategy:
             if groups._get_zero_param_intra_parallel_group() is None:
                 groups._create_zero_param_parallel_group(hpz)
 
+    @staticmethod
+    def adamw_options(device: torch.device) -> dict[str, Any]:
+        """torch AdamW's fused kernel (one launch for every parameter) where it exists: CUDA. On
+        CPU the default (foreach) implementation is the fast one, and ``fused`` is refused for
+        some dtypes, so it is requested only on CUDA."""
+        return {"fused": True} if device.type == "cuda" else {}
+
+    def reranker_optimizer(self, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """The reranker's client optimizer (DeepSpeed steps it on its own partitions)."""
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **self.adamw_options(self.device))
+
     def build_reranker_engine(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> torch.nn.Module:
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.reranker_ds_config()
         )
+        if self.config.reranker.compile:
+            engine.compile()  # torch.compile of the module inside the engine (DeepSpeed's own entry point)
         self.reranker_engine = engine
         return engine
 

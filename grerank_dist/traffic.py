@@ -142,8 +142,10 @@ def placement_overrides(placement: str, world_size: int, zero: dict[str, Any]) -
         section.update(RELEASE_EVERY_USE)
     if placement == "hpz":
         section["zero_hpz_partition_size"] = world_size
-    return [f"deepspeed.generator_config={DS_CONFIGS / files[placement]}",
-            f"deepspeed.generator_overrides={json.dumps({'zero_optimization': section})}"]
+    overrides = [f"deepspeed.generator_config={DS_CONFIGS / files[placement]}"]
+    if section:  # an empty section would replace the file's zero_optimization (stage included)
+        overrides.append(f"deepspeed.generator_overrides={json.dumps({'zero_optimization': section})}")
+    return overrides
 
 
 def run_placement(shape_name: str, placement: str, steps: int, warmup: int, seed: int, zero: dict[str, Any],
