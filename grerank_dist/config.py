@@ -58,6 +58,9 @@ class RerankerConfig:
     # The trained reranker's dtype (its DeepSpeed engine's bf16 flag): fp32 by default, also next
     # to a bf16 generator, so scores, updates and the export keep full precision.
     dtype: str = "float32"
+    # torch.compile the reranker inside its engine (off: compilation takes minutes and needs a
+    # C++ compiler on CPU; meant for long GPU runs).
+    compile: bool = False
 
 
 @dataclass

@@ -163,7 +163,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     generator, gen_tokenizer = build_generator(config, strategy, record_texts(records, config) if random_generator else ())
     rr_model, rr_tokenizer = build_reranker(config, records)
     trainable = [p for p in rr_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    optimizer = strategy.reranker_optimizer(trainable, config.train.lr, config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
 
