@@ -234,7 +234,8 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.reranker_ds_config()
         )
         if self.config.reranker.compile:
-            engine.compile()  # torch.compile of the module inside the engine (DeepSpeed's own entry point)
+            # torch.compile of the module inside the engine (DeepSpeed's own entry point)
+            engine.compile(backend=self.config.reranker.compile)
         self.reranker_engine = engine
         return engine
 

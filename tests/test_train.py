@@ -149,6 +149,18 @@ def test_nan_scores_stop_the_run_at_the_next_log_point_before_any_checkpoint_of_
     assert not (tmp_path / "checkpoints" / "step_6").exists() and not (tmp_path / "reranker").exists()
 
 
+def test_compiled_reranker_trains_like_the_plain_one(tmp_path, toy_data):
+    """reranker.compile hands the reranker to torch.compile inside its engine (the `eager`
+    backend: graph capture without code generation, as CI has no time for inductor); the
+    compiled run's losses equal the plain run's."""
+    common = ["train.max_steps=2", "train.save_every=0"]
+    check(run_cli(train_args(tmp_path / "plain", toy_data, *common)))
+    check(run_cli(train_args(tmp_path / "compiled", toy_data, *common, "reranker.compile=eager")))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    bad = run_cli(train_args(tmp_path / "bad", toy_data, "reranker.compile=fast"))
+    assert bad.returncode != 0 and "reranker.compile" in bad.stderr
+
+
 def test_export_cli_and_reranker_tools(tmp_path, toy_data):
     """A LoRA run; `grerank export` of its checkpoint gives a plain directory that transformers,
     sentence-transformers' CrossEncoder and FlagEmbedding's FlagReranker load and score alike."""
