@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from grerank_dist.checks import require
+
 __all__ = [
     "BACKENDS",
     "FOLDED_MASK_VALUE",
@@ -313,20 +315,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
 def check_key_bias(key_bias: torch.Tensor) -> None:
     """Reject NaN/+inf biases and rows whose keys are all -inf (they would attend to nothing).
 
-    It reads the values (one device sync); a caller that reuses one bias in many layers checks it
-    once here and passes ``check_bias=False`` to :func:`masked_attention`.
+    It reads the values (a device sync, deferred under :func:`grerank_dist.checks.deferred_checks`);
+    a caller that reuses one bias in many layers checks it once here and passes
+    ``check_bias=False`` to :func:`masked_attention`.
     """
     with torch.no_grad():
         bad_value = torch.isnan(key_bias) | torch.isposinf(key_bias)
         all_removed = torch.isneginf(key_bias).all(dim=-1)
-        problems = torch.stack([bad_value.any(), all_removed.any()]).tolist()
-    if problems[0]:
-        raise ValueError("key_bias contains NaN or +inf; only finite values and -inf are allowed")
-    if problems[1]:
-        rows = torch.nonzero(all_removed).flatten().tolist()
-        raise ValueError(
-            f"key_bias is -inf for every key of batch row(s) {rows}: those queries would attend to nothing"
-        )
+        require(bad_value.any(), "key_bias contains NaN or +inf; only finite values and -inf are allowed")
+        require(all_removed.any(), "key_bias is -inf for every key of a batch row: that query would attend to nothing",
+                lambda: f"(rows {torch.nonzero(all_removed).flatten().tolist()})")
 
 
 def masked_attention(

@@ -43,7 +43,8 @@ from typing import Any, Callable
 import torch
 
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import Batch, Collator
+from grerank_dist.cost_model import FLOP_FORMULA, step_flops
+from grerank_dist.data import Collator
 from grerank_dist.generator import InputFormat
 from grerank_dist.models.cepe import CepeConfig, CepeForCausalContextLM, cepe_7b_config, tiny_cepe_config
 from grerank_dist.relax import noise_generator
@@ -143,57 +144,6 @@ def bench_config(shape: Shape, variant: str, extra: list[str]) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- FLOPs
-
-FLOP_FORMULA = """\
-model FLOPs per step (matmuls only, 2 per multiply-add; no recompute counted):
-  total   = 3*F_rr + F_enc + F_kv + 2*F_dec   (reranker trained: fwd + 2x bwd; encoder and K/V
-            without grad; frozen decoder: bwd = input gradients only, about 1x its fwd)
-  Llama layer over a sequence of s tokens (hidden h, H heads, H_kv kv heads of d, FFN f):
-            2*s*(h*d*(H + 2*H_kv) + H*d*h + 3*h*f) + 4*s*s*H*d
-  F_rr    = sum over pairs, BERT layer: 2*s*(4*h*h + 2*h*f) + 4*s*s*h
-  F_enc   = sum over documents of the encoder's layers (s = document tokens)
-  F_kv    = per cross layer 2*N*h_enc*2*H_kv*d, N = document tokens of the batch
-  F_dec   = decoder layers over the B rows + per cross layer 2*S*2*h*H*d + 4*S*N_b*H*d
-            (N_b = the query's document tokens) + lm head 2*A*h*V (A = answer tokens)
-  useful: real tokens only (attention masks); executed: the padded shapes the step runs"""
-
-
-def _llama_layer(config: Any, lengths: list[int]) -> float:
-    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or h // heads
-    per_token = 2 * (h * d * (heads + 2 * kv) + heads * d * h + 3 * h * config.intermediate_size)
-    return sum(per_token * s + 4 * s * s * heads * d for s in lengths)
-
-
-def step_flops(gen: CepeConfig, rr: Any, batch: Batch, useful: bool) -> dict[str, float]:
-    """Analytic FLOPs of one step (see :data:`FLOP_FORMULA`) for one micro-batch's tensors."""
-    def lengths(mask: torch.Tensor) -> list[int]:
-        flat = mask.reshape(-1, mask.shape[-1])
-        return flat.sum(-1).tolist() if useful else [flat.shape[-1]] * flat.shape[0]
-
-    rr_h, rr_f = rr.hidden_size, rr.intermediate_size
-    f_rr = rr.num_hidden_layers * sum(
-        2 * s * (4 * rr_h * rr_h + 2 * rr_h * rr_f) + 4 * s * s * rr_h
-        for s in lengths(batch.reranker_inputs["attention_mask"])
-    )
-    enc = gen.encoder_llama_config()
-    doc_lengths = lengths(batch.encoder_attention_mask)
-    f_enc = enc.num_hidden_layers * _llama_layer(enc, doc_lengths)
-    d = gen.head_dim
-    cross_layers = gen.num_cross_attn_layers if gen.do_cross_attention else 0
-    f_kv = cross_layers * 2 * sum(doc_lengths) * enc.hidden_size * 2 * gen.num_key_value_heads * d
-    rows = lengths(batch.attention_mask)
-    n = batch.encoder_attention_mask.shape[1]
-    keys_per_query = [sum(doc_lengths[b * n : (b + 1) * n]) for b in range(len(rows))]
-    f_dec = gen.num_hidden_layers * _llama_layer(gen, rows) + cross_layers * sum(
-        2 * s * 2 * gen.hidden_size * gen.num_attention_heads * d + 4 * s * keys * gen.num_attention_heads * d
-        for s, keys in zip(rows, keys_per_query)
-    )
-    answer_tokens = int((batch.labels != -100).sum())
-    f_dec += 2 * answer_tokens * gen.hidden_size * gen.vocab_size
-    return {"reranker": 3 * f_rr, "encoder": f_enc, "cross_kv": f_kv, "decoder": 2 * f_dec,
-            "total": 3 * f_rr + f_enc + f_kv + 2 * f_dec}
-
 
 def gemm_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
     """The best FLOP/s of a square ``F.linear`` (the models' matmul) in ``dtype`` on this
@@ -301,11 +251,25 @@ class VariantResult:
     profile_table: str = ""
 
 
-def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: list[dict[str, Any]]) -> VariantResult:
-    """Build the engines of one variant, prepare its batches ahead, time warm steps."""
-    config = bench_config(shape, variant, args.override)
+@dataclass
+class Engines:
+    """One variant's engines and what its steps need, built the way the trainer builds them."""
+
+    config: TrainConfig
+    strategy: DeepSpeedStrategy
+    model: CepeForCausalContextLM  # the generator's module (partitioned under ZeRO-3)
+    model_config: CepeConfig
+    generator: Any  # what training_step calls: the generator engine's module
+    rr_model: torch.nn.Module
+    reranker: Any  # the reranker engine
+    collate: Collator
+
+
+def build_engines(shape: Shape, config: TrainConfig, seed: int, docs_pad_to_batch: bool = True) -> Engines:
+    """Random-weight models of ``shape`` in the DeepSpeed engines ``config`` names (one process
+    or one rank of a launched group) and a collator for their tokenizers."""
     strategy = DeepSpeedStrategy(config)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     with strategy.generator_loading():
         gen_tokenizer_texts = [f"w{i}" for i in range(shape.vocab_words)] + [":"]
         gen_tokenizer = build_word_tokenizer(gen_tokenizer_texts, "decoder")
@@ -315,17 +279,24 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
     if config.generator.gradient_checkpointing:
         model.activation_checkpointing_enable()
     generator = strategy.build_generator_engine(model)
-    rr_model, rr_tokenizer = tiny_reranker(gen_tokenizer_texts, seed=args.seed, hidden_size=shape.reranker_hidden,
+    rr_model, rr_tokenizer = tiny_reranker(gen_tokenizer_texts, seed=seed, hidden_size=shape.reranker_hidden,
                                            layers=shape.reranker_layers)
-    optimizer = torch.optim.AdamW(rr_model.parameters(), lr=config.train.lr)
+    optimizer = strategy.reranker_optimizer(rr_model.parameters(), config.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
     reranker.train()
-
     fmt = InputFormat(config.data.doc_template, config.data.prompt_template, prompt_bos=True,
-                      docs_pad_to_batch=variant != "naive")
-    collate = Collator(config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=args.seed,
+                      docs_pad_to_batch=docs_pad_to_batch)
+    collate = Collator(config.data, gen_tokenizer, rr_tokenizer, config.reranker.max_length, seed=seed,
                        input_format=fmt)
+    return Engines(config, strategy, model, model_config, generator, rr_model, reranker, collate)
+
+
+def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: list[dict[str, Any]]) -> VariantResult:
+    """Build the engines of one variant, prepare its batches ahead, time warm steps."""
+    built = build_engines(shape, bench_config(shape, variant, args.override), args.seed, variant != "naive")
+    config, strategy, model_config, generator = built.config, built.strategy, built.model_config, built.generator
+    rr_model, reranker, collate = built.rr_model, built.reranker, built.collate
     per_call = 1 if variant == "naive" else shape.batch
     steps = args.warmup + args.steps
     # Tokenisation happens ahead of the step (as DataLoader workers would do it): timed apart.
@@ -394,7 +365,7 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
         flops_executed=executed, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         answer_loglik=loglik.float().tolist(), profile_table=profile_table,
     )
-    del strategy, generator, reranker, model, rr_model, optimizer
+    del built, strategy, generator, reranker, rr_model
     gc.collect()
     return result
 
@@ -440,10 +411,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print the top operators of one profiled step per variant")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="> 1: launch that many CPU ranks and count the generator placements' collectives "
+                             "(grerank_dist.traffic) instead of timing variants")
+    parser.add_argument("--placements", default="zero3,zero3-release,replicated,hpz",
+                        help="with --world-size: comma-separated generator placements")
+    parser.add_argument("--zero", default="{}", help="with --world-size: JSON merged into the ZeRO-3 placements' "
+                        "zero_optimization, e.g. '{\"stage3_param_persistence_threshold\": 1000}'")
     parser.add_argument("override", nargs="*", help="training-config overrides for every variant, e.g. relax.k=3")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.world_size > 1:
+        from grerank_dist import traffic
+
+        return traffic.run(args)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

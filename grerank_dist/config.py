@@ -58,6 +58,10 @@ class RerankerConfig:
     # The trained reranker's dtype (its DeepSpeed engine's bf16 flag): fp32 by default, also next
     # to a bf16 generator, so scores, updates and the export keep full precision.
     dtype: str = "float32"
+    # torch.compile backend for the reranker inside its engine: "" off (compilation takes minutes
+    # and inductor needs a C++ compiler on CPU), "inductor" for long GPU runs, "eager" to check
+    # that the model traces.
+    compile: str = ""
 
 
 @dataclass
@@ -177,6 +181,7 @@ TEMPLATE_FIELDS = {
 }
 ANSWER_CHOICES = ("first", "shortest", "random")
 CANDIDATE_ORDERS = ("score", "file")
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -357,6 +362,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     for key, value in (("generator.dtype", config.generator.dtype), ("reranker.dtype", config.reranker.dtype)):
         if value not in ("auto", "float32", "bfloat16", "float16"):
             fail(key, f"must be auto, float32, bfloat16 or float16, got {value!r}")
+    if config.reranker.compile and config.reranker.compile not in COMPILE_BACKENDS:
+        fail("reranker.compile", f"must be empty (off) or one of {', '.join(COMPILE_BACKENDS)}, got {config.reranker.compile!r}")
     if not 0 <= config.seed < 2**20:
         fail("seed", f"must be in [0, 2**20) (it is packed into the per-rank noise seeds), got {config.seed}")
     for key, allowed in TEMPLATE_FIELDS.items():

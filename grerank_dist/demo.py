@@ -83,10 +83,12 @@ def _write_subset(source: Path, target: Path, count: int) -> Path:
 
 
 def trained_method_name(config: TrainConfig) -> str:
-    """The table's name for the reranker this run trains: G-Rerank or one of its references."""
-    if config.train.objective == "gold_labels":
-        return "gold-labels"
-    return "g-rerank" if config.relax.noise else "no-gumbel"
+    """The table's name for the reranker this run trains: G-Rerank, its no-Gumbel ablation, a
+    baseline objective (emdr, pdist, ...) or the gold-label reference."""
+    objective = config.train.objective
+    if objective == "grerank":
+        return "g-rerank" if config.relax.noise else "no-gumbel"
+    return {"nogumbel": "no-gumbel", "gold_labels": "gold-labels"}.get(objective, objective.replace("_", "-"))
 
 
 def run_demo(

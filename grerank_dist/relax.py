@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from grerank_dist.checks import require
+
 __all__ = [
     "gumbel_attention_mask",
     "gumbel_softmax",
@@ -76,7 +78,8 @@ def noise_generator(seed: int, rank: int, step: int, device: torch.device | str 
 def _validate(
     scores: torch.Tensor, k: int | None, tau: float | None, kappa: float | None, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """Check the arguments and return the boolean ``valid`` mask (all True when not given)."""
+    """Check the arguments and return the boolean ``valid`` mask (all True when not given). The
+    value checks read the scores: deferred under :func:`grerank_dist.checks.deferred_checks`."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise ValueError(f"scores must be a float tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.dim() not in (1, 2):
@@ -98,15 +101,12 @@ def _validate(
             raise ValueError(f"valid must be a bool tensor, got {valid.dtype}")
         valid = valid.to(scores.device)
     with torch.no_grad():
-        row_has_candidate = valid.any(dim=-1)
+        empty_rows = ~valid.any(dim=-1)
         valid_nonfinite = valid & ~torch.isfinite(scores)
-        problems = torch.stack([~row_has_candidate.all(), valid_nonfinite.any()]).tolist()
-    if problems[0]:
-        rows = torch.nonzero(~row_has_candidate.reshape(-1)).flatten().tolist()
-        raise ValueError(f"valid marks no candidate in row(s) {rows}: empty candidate set")
-    if problems[1]:
-        where = torch.nonzero(valid_nonfinite).tolist()
-        raise ValueError(f"scores are NaN or infinite for valid candidates at {where[:10]}")
+        require(empty_rows.any(), "valid marks no candidate in a row: empty candidate set",
+                lambda: f"(rows {torch.nonzero(empty_rows.reshape(-1)).flatten().tolist()})")
+        require(valid_nonfinite.any(), "scores are NaN or infinite for valid candidates",
+                lambda: f"(at {torch.nonzero(valid_nonfinite).tolist()[:10]})")
     return valid
 
 

@@ -89,6 +89,9 @@ class DeepSpeedStrategy:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # Host-side flags (a stop signal) are agreed over a CPU group: deciding them every step
+        # never waits for the GPU's queued work, as an all-reduce on a CUDA tensor would.
+        self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -119,9 +122,10 @@ class DeepSpeedStrategy:
         return out / self.world_size
 
     def any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on any rank (keeps ranks in lock step)."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        """True on every rank when ``flag`` is True on any rank (keeps ranks in lock step); a CPU
+        all-reduce, so it costs no device synchronisation."""
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._host_group)
         return bool(value.item())
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -192,9 +196,36 @@ class DeepSpeedStrategy:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(f"the generator must be frozen, but {len(trainable)} parameters require grad: {trainable[:3]}")
-        engine, *_ = deepspeed.initialize(model=model, config=self.generator_ds_config())
+        ds_config = self.generator_ds_config()
+        self._ensure_hpz_group(ds_config)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         self.generator_engine = engine
         return engine.module
+
+    @staticmethod
+    def _ensure_hpz_group(ds_config: dict[str, Any]) -> None:
+        """Create the intra-node parameter group of hierarchical partitioning (hpZ) before the
+        engine: a model built outside ``deepspeed.zero.Init`` leaves it to the engine, whose
+        no-optimizer path in DeepSpeed 0.19.8 calls a method only the ZeRO-3 optimizer has
+        ("'DeepSpeedEngine' object has no attribute '_set_zero_group_parallelism'")."""
+        zero = ds_config["zero_optimization"]
+        hpz = int(zero.get("zero_hpz_partition_size", 1))
+        if zero.get("stage", 3) == 3 and hpz > 1:
+            from deepspeed.utils import groups
+
+            if groups._get_zero_param_intra_parallel_group() is None:
+                groups._create_zero_param_parallel_group(hpz)
+
+    @staticmethod
+    def adamw_options(device: torch.device) -> dict[str, Any]:
+        """torch AdamW's fused kernel (one launch for every parameter) where it exists: CUDA. On
+        CPU the default (foreach) implementation is the fast one, and ``fused`` is refused for
+        some dtypes, so it is requested only on CUDA."""
+        return {"fused": True} if device.type == "cuda" else {}
+
+    def reranker_optimizer(self, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """The reranker's client optimizer (DeepSpeed steps it on its own partitions)."""
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **self.adamw_options(self.device))
 
     def build_reranker_engine(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
@@ -202,6 +233,9 @@ class DeepSpeedStrategy:
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.reranker_ds_config()
         )
+        if self.config.reranker.compile:
+            # torch.compile of the module inside the engine (DeepSpeed's own entry point)
+            engine.compile(backend=self.config.reranker.compile)
         self.reranker_engine = engine
         return engine
 

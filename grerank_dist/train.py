@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from grerank_dist.checks import deferred_checks
 from grerank_dist.config import TrainConfig, load_config
 from grerank_dist.data import Batch, Collator, MicroBatchSchedule
 from grerank_dist.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens, step_loader
@@ -165,7 +166,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     generator, gen_tokenizer = build_generator(config, strategy, record_texts(records, config) if random_generator else ())
     rr_model, rr_tokenizer = build_reranker(config, records)
     trainable = [p for p in rr_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    optimizer = strategy.reranker_optimizer(trainable, config.train.lr, config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     reranker = strategy.build_reranker_engine(rr_model, optimizer, scheduler)
 
@@ -209,53 +210,59 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     # Workers start here, after the stop-signal handlers, which they inherit.
     batches = iter(step_loader(StepBatches(tokens, schedule, collate), start_step * accum, last_step * accum,
                                config.data.num_workers, pin_memory=strategy.device.type == "cuda"))
-    for step in range(start_step, last_step):
-        lr = strategy.learning_rate()  # the rate this step's update uses
-        losses, max_weights, max_masks, objective_stats = [], [], [], []
-        data_time = compute_time = 0.0
-        for micro in range(accum):
-            micro_step = step * accum + micro
-            # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
-            torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
-            noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
-            started = time.perf_counter()  # data time: the wait for the prepared batch
-            batch = next(batches).to(strategy.device)
-            batched = time.perf_counter()
-            out = training_step(strategy, reranker, generator, batch, config, noise)
-            losses.append(out.loss.detach())
-            max_weights.append(out.mean_max_weight)
-            max_masks.append(out.mean_max_mask)
-            data_time += batched - started
-            compute_time += time.perf_counter() - batched
-            objective_stats.append(out.stats)
-        throughput.add_step(queries, data_time, compute_time)
-        done = step + 1
-        bar.update(1)
-        signalled = strategy.any_rank(stop_signal.received)
-        stopping = done == last_step or signalled
-        if done % config.train.log_every == 0 or stopping:
-            loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
-            max_weight = strategy.all_reduce_mean(torch.stack(max_weights).mean()).item()
-            logger.log(
-                done,
-                {
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": strategy.grad_norm(),
-                    "mean_max_weight": max_weight,
-                    "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
-                    **throughput.summary(),  # queries_per_s over the window, data_time_s, step_time_s
-                    **{
-                        name: strategy.all_reduce_mean(torch.stack([s[name] for s in objective_stats]).float().mean()).item()
-                        for name in objective_stats[0]
+    # Value checks (NaN scores, masks that remove every document) are read at each log point,
+    # with the losses, instead of stalling every step on a device read (grerank_dist.checks).
+    with deferred_checks() as value_checks:
+        for step in range(start_step, last_step):
+            lr = strategy.learning_rate()  # the rate this step's update uses
+            losses, max_weights, max_masks, objective_stats = [], [], [], []
+            data_time = compute_time = 0.0
+            for micro in range(accum):
+                micro_step = step * accum + micro
+                # Dropout and Gumbel noise are functions of (seed, rank, micro-step): runs resume exactly.
+                torch.manual_seed(config.seed * 1_000_003 + micro_step * 4099 + strategy.rank)
+                noise = noise_generator(config.seed, strategy.rank, micro_step, strategy.device)
+                started = time.perf_counter()  # data time: the wait for the prepared batch
+                batch = next(batches).to(strategy.device)
+                batched = time.perf_counter()
+                out = training_step(strategy, reranker, generator, batch, config, noise)
+                losses.append(out.loss.detach())
+                max_weights.append(out.mean_max_weight)
+                max_masks.append(out.mean_max_mask)
+                data_time += batched - started
+                compute_time += time.perf_counter() - batched
+                objective_stats.append(out.stats)
+            throughput.add_step(queries, data_time, compute_time)
+            done = step + 1
+            bar.update(1)
+            signalled = strategy.any_rank(stop_signal.received)
+            stopping = done == last_step or signalled
+            saving = bool(config.train.save_every and done % config.train.save_every == 0) or stopping
+            if done % config.train.log_every == 0 or saving:
+                value_checks.raise_failed(f"training steps up to {done}")
+            if done % config.train.log_every == 0 or stopping:
+                loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()
+                max_weight = strategy.all_reduce_mean(torch.stack(max_weights).mean()).item()
+                logger.log(
+                    done,
+                    {
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": strategy.grad_norm(),
+                        "mean_max_weight": max_weight,
+                        "mean_max_mask": strategy.all_reduce_mean(torch.stack(max_masks).mean()).item(),
+                        **throughput.summary(),  # queries_per_s over the window, data_time_s, step_time_s
+                        **{
+                            name: strategy.all_reduce_mean(torch.stack([s[name] for s in objective_stats]).float().mean()).item()
+                            for name in objective_stats[0]
+                        },
                     },
-                },
-            )
-            bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
-        if (config.train.save_every and done % config.train.save_every == 0) or stopping:
-            strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
-        if stopping:
-            break
+                )
+                bar.set_postfix(loss=f"{loss:.4f}", max_weight=f"{max_weight:.3f}")
+            if saving:
+                strategy.save_checkpoint(ckpt_dir, done, {"step": done}, export_fn=export)
+            if stopping:
+                break
     stop_signal.restore()
     bar.close()
     logger.close()

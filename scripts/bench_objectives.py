@@ -9,7 +9,8 @@ decoder call [B, m, n] under no_grad; ADist: one eager pass recording attention 
 backward into the scores. The steps are timed in turn, round after round (so load drifts hit all
 alike), and the median of each is printed with its ratio to G-Rerank. ``pdist (keys repeated)``
 copies each query's cross-attention keys and values once per mask, as CEPE did before its masks
-shared them, to show what the sharing saves.
+shared them, to show what the sharing saves; ``pdist (naive)`` is the step a first implementation
+would write: one full generator forward per mask, each encoding the documents again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from types import SimpleNamespace
 
 import torch
 
+from grerank_dist import objectives
 from grerank_dist.config import ObjectiveConfig, RelaxConfig
+from grerank_dist.generator import AnswerLogProbs
 from grerank_dist.models.cepe import CepeCrossAttention, CepeForCausalContextLM, tiny_cepe_config
 from grerank_dist.objectives import OBJECTIVES
 
@@ -92,6 +95,27 @@ def main() -> None:
             CepeCrossAttention.forward = shared_forward
 
     steps["pdist (keys repeated)"] = pdist_repeated
+    batched_masks = objectives.answer_under_masks
+
+    def one_forward_per_mask(generator, contexts, batch, masks):
+        """m separate generator calls, each encoding the documents again (the naive baseline)."""
+        with torch.no_grad():
+            answers = [
+                generator.answer_logprobs(generator.encode_contexts(enc_ids, torch.ones_like(enc_ids)), batch.input_ids,
+                                          batch.attention_mask, batch.labels, masks[:, j].contiguous())
+                for j in range(masks.shape[1])
+            ]
+        return AnswerLogProbs(token_logprobs=torch.stack([a.token_logprobs for a in answers], dim=1),
+                              token_mask=torch.stack([a.token_mask for a in answers], dim=1))
+
+    def pdist_naive() -> None:
+        objectives.answer_under_masks = one_forward_per_mask
+        try:
+            steps["pdist"]()
+        finally:
+            objectives.answer_under_masks = batched_masks
+
+    steps["pdist (naive)"] = pdist_naive
     for run in steps.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in steps}

@@ -18,54 +18,8 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
+from grerank_dist.cost_model import BF16, FP32, GB, LLAMA_8B, cepe_rows, count_params, decoder_only_rows
 from grerank_dist.models.cepe import CepeForCausalContextLM, cepe_7b_config
-
-GB = 1024**3
-BF16, FP32 = 2, 4
-# Llama-3.1-8B-Instruct's shapes (config.json of the public release).
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def cepe_rows(config, B: int, n: int, L: int, S: int) -> list[tuple[str, float, str]]:
-    """CEPE: a small encoder reads the documents; the decoder cross-attends to its states."""
-    h, he, ff, layers = config.hidden_size, config.encoder_config["hidden_size"], config.intermediate_size, config.num_hidden_layers
-    heads, keys = config.num_attention_heads, n * L
-    return [
-        ("encoder states kept for the step", B * keys * he * BF16 / GB, "B*n*L*H_enc, bf16"),
-        ("encoder layer working set (no autograd)", B * keys * (3 * he + config.encoder_config["intermediate_size"]) * BF16 / GB,
-         "one layer's q,k,v and MLP activations at a time"),
-        ("decoder checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"),
-        ("decoder recompute: one layer's cross K/V", 2 * B * keys * h * BF16 / GB, "K and V over n*L keys, bf16"),
-        ("decoder recompute: cross-attention probabilities", B * heads * S * keys * FP32 / GB, "fp32 softmax, B*heads*S*n*L"),
-        ("decoder recompute: self-attention + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "one layer"),
-    ]
-
-
-def decoder_only_rows(config, B: int, n: int, L: int, S: int) -> list[tuple[str, float, str]]:
-    """A decoder-only LLM in parallel-context mode: each document is pre-filled on its own (same
-    positions, no autograd: a document's states do not depend on the mask), its K/V kept for every
-    layer; the prompt+answer tokens then attend to all documents' K/V plus the per-document
-    log-mask bias, with gradient checkpointing over the S query tokens only."""
-    h, ff, layers, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
-    kv = config.num_key_value_heads * config.head_dim
-    keys = n * L
-    return [
-        ("document K/V cache, all layers (no autograd)", layers * 2 * B * keys * kv * BF16 / GB,
-         f"{layers} layers x K,V x B*n*L x {kv} (GQA), bf16"),
-        ("document pre-fill working set (no autograd)", B * keys * (3 * h + 2 * ff) * BF16 / GB,
-         "one layer's q,k,v and MLP over B*n*L tokens (SDPA/flash: no L x L matrix)"),
-        ("query checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"),
-        ("query recompute: attention probabilities", B * heads * S * (keys + S) * FP32 / GB,
-         "fp32 softmax, B*heads*S*(n*L+S)"),
-        ("query recompute: one layer's q,k,v + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "one layer"),
-        ("logits of the answer positions (fp32)", B * S * config.vocab_size * FP32 / GB, "B*S*vocab, fp32 log-softmax"),
-    ]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

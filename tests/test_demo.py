@@ -35,19 +35,21 @@ def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_
     report.write_text("# Results\n\nhand-written\n\n<!-- reproduce_synthetic.py: start -->\nold\n"
                       "<!-- reproduce_synthetic.py: end -->\n\n## Later section\n")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_synthetic.py"), "--quick", "--seeds", "0",
-                             "--out", str(out), "--write", str(report), "--threads", "1"],
+                             "--out", str(out), "--write", str(report), "--threads", "1", "--methods", "no-gumbel", "dro"],
                             capture_output=True, text=True, timeout=900, env=clean_env(), cwd=ROOT)
     check(result)
     text = report.read_text()
-    for row in ("| retriever |", "| initial |", "| g-rerank |", "| no-gumbel |", "| gold-labels |", "| oracle |"):
+    for row in ("| retriever |", "| initial |", "| g-rerank |", "| no-gumbel |", "| dro |", "| oracle |"):
         assert row in text, row
-    assert "--quick" in text  # the exact command that produced the report
+    assert "| gold-labels |" not in text  # not asked for
+    assert "| g-rerank | " in text and "1.00× |" in text  # step time against G-Rerank's own
+    assert "--quick" in text and "--methods no-gumbel dro" in text  # the exact command that produced the report
     # the section between the markers is replaced; the hand-written text around it is kept
     assert text.startswith("# Results\n\nhand-written\n\n<!-- reproduce_synthetic.py: start -->")
     assert "\nold\n" not in text and text.endswith("<!-- reproduce_synthetic.py: end -->\n\n## Later section\n")
     seed_runs = out / "seed0"
     assert (seed_runs / "g-rerank" / "reader" / "config.json").is_file()
-    for method in ("no-gumbel", "gold-labels"):  # trained from the first run's frozen reader and weak start
+    for method in ("no-gumbel", "dro"):  # trained from the first run's frozen reader and weak start
         assert not (seed_runs / method / "reader").exists()
         assert not (seed_runs / method / "weak_start").exists()
         config = json.loads((seed_runs / method / "train" / "train_config.json").read_text())
@@ -57,8 +59,14 @@ def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_
         assert set(metrics["methods"]) == {"initial", method, "retriever", "oracle"}
     no_gumbel = json.loads((seed_runs / "no-gumbel" / "train" / "train_config.json").read_text())
     assert no_gumbel["relax"]["noise"] is False
-    gold = json.loads((seed_runs / "gold-labels" / "train" / "train_config.json").read_text())
-    assert gold["train"]["objective"] == "gold_labels"
+    dro = json.loads((seed_runs / "dro" / "train" / "train_config.json").read_text())
+    assert dro["train"]["objective"] == "dro"
+    # a second call reads the finished runs back instead of training them again
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_synthetic.py"), "--quick", "--seeds", "0",
+                            "--out", str(out), "--write", str(report), "--threads", "1", "--methods", "dro"],
+                           capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
+    check(again)
+    assert again.stdout.count("reusing the finished run") == 2 and "$ " not in again.stdout
 
 
 def test_quick_demo_with_a_fid_reader(tmp_path):

@@ -99,3 +99,92 @@ def test_bench_runs_at_the_tiny_shape_and_prints_every_column(tmp_path):
     # The bf16 generator scores the same answers as the fp32 one up to bf16 rounding.
     for fp32, bf16 in zip(results["efficient"]["answer_loglik"], results["bf16"]["answer_loglik"]):
         assert abs(fp32 - bf16) < 0.05 and fp32 < 0
+
+
+def _torchrun(*args: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{root}:{root / 'tests'}"})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_collective_counter_counts_a_known_all_gather_exactly(tmp_path):
+    """Two ranks each contribute a [3, 5] fp32 shard: the gathered buffer is 2 x 60 = 120 bytes."""
+    import json
+
+    out = tmp_path / "counts"
+    _torchrun("tests/traffic_worker.py", str(out))
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"counts.rank{rank}").read_text())
+        assert result["counts"] == {"all_gather_into_tensor": [1, 120]}
+        assert result["gathered"] == [0.0] * 15 + [1.0] * 15
+
+
+def test_predicted_all_gather_bytes_match_the_counted_collectives_on_two_ranks():
+    """Counted from DeepSpeed's collectives vs computed from parameter shapes and the config
+    (grerank_dist.cost_model): the ZeRO-3 generator's gathered bytes, forward and backward, with
+    every use gathered (no reuse window) and with the repository's window (gathered once); a
+    replicated generator gathers nothing. Persistence threshold 1000: the norms stay resident."""
+    from grerank_dist.traffic import launch, measured
+
+    ranks = launch("tiny", 2, ["zero3-release", "zero3", "replicated"], steps=1, warmup=2, seed=0,
+                   zero={"stage3_param_persistence_threshold": 1000}, overrides=[], timeout=600)
+    for rank in ranks:
+        by_placement = {r["placement"]: r for r in rank}
+        assert not any(r.get("error") for r in rank), rank
+        for name in ("zero3-release", "zero3"):
+            m, p = measured(by_placement[name]), by_placement[name]["predicted"]
+            for key in ("gather_forward", "gather_backward", "rr_all_reduce", "rr_param_all_gather"):
+                assert abs(m[key] - p[key]) <= 0.05 * p[key], (name, key, m[key], p[key])
+        release, once = measured(by_placement["zero3-release"]), measured(by_placement["zero3"])
+        assert release["gather_backward"] > 0 and once["gather_backward"] == 0  # the frozen decoder's backward
+        assert once["gather_forward"] == release["gather_forward"] > 0
+        replicated = measured(by_placement["replicated"])
+        assert replicated["gather_forward"] == replicated["gather_backward"] == 0
+
+
+def test_gather_schedule_and_projection_arithmetic_by_hand():
+    """A two-module trace at world 4: 'a' (10 elements, padded to 12) runs forward and backward,
+    'b' (3 elements) is persistent; bf16. No reuse window: a is gathered twice, 2 x 12 x 2 bytes;
+    a window covering the trace: once. Ring all-gather of 8 GB over 8 GPUs of a node: 7/8 x 8e9 /
+    450e9 s; over 16 GPUs on two nodes: 15/16 x 8e9 / 50e9 s."""
+    import math
+
+    from grerank_dist import cost_model as cm
+
+    uses = [cm.ModuleUse("a", (("a.w", 10),), True), cm.ModuleUse("b", (("b.w", 3),), True)]
+    no_window = cm.ZeroSettings(3, 4, 2, persistence_threshold=5, max_reuse_distance=0, prefetch_bucket=0)
+    schedule = cm.gather_schedule(uses, no_window)
+    assert (schedule.forward_bytes, schedule.backward_bytes, schedule.per_param) == (24, 24, {"a.w": 2})
+    window = cm.ZeroSettings(3, 4, 2, persistence_threshold=5, max_reuse_distance=100, prefetch_bucket=0)
+    assert cm.gather_schedule(uses, window).total_bytes == 24
+    assert cm.gather_schedule(uses, cm.ZeroSettings(0, 4, 2)).total_bytes == 0
+    assert math.isclose(cm.all_gather_seconds(8e9, 8, cm.Cluster(1), within_node=True), 7 / 8 * 8e9 / 450e9)
+    assert math.isclose(cm.all_gather_seconds(8e9, 16, cm.Cluster(2), within_node=False), 15 / 16 * 8e9 / 50e9)
+    assert math.isclose(cm.compute_seconds(989e12 * 0.45, cm.Cluster(1)), 1.0)
+
+
+def test_gpu_path_choices_given_a_faked_capability_set(monkeypatch):
+    """No GPU here: the selection logic alone. `auto` on CUDA picks flash-attn (through the folded
+    channel) when installed, else the folded channel on SDPA's fused kernels for bf16, SDPA with a
+    float mask for fp32; the fused AdamW is requested only on CUDA."""
+    from grerank_dist import attention
+    from grerank_dist.strategy import DeepSpeedStrategy
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention, "_flash_attn_installed", lambda: True)
+    assert attention._auto_backend(cuda, torch.bfloat16, requires_grad=True) == "flash"
+    monkeypatch.setattr(attention, "_flash_attn_installed", lambda: False)
+    assert attention._auto_backend(cuda, torch.bfloat16, requires_grad=True) == "folded"
+    assert attention._auto_backend(cuda, torch.float32, requires_grad=True) == "sdpa"
+    assert attention._auto_backend(torch.device("cpu"), torch.float32, requires_grad=True) != "flash"
+    assert DeepSpeedStrategy.adamw_options(cuda) == {"fused": True}
+    assert DeepSpeedStrategy.adamw_options(torch.device("cpu")) == {}

@@ -121,6 +121,46 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
     assert all(r["train/queries_per_s"] > 0 and r["train/data_time_s"] > 0 and r["train/step_time_s"] > 0 for r in records)
 
 
+# The trainer whose reranker scores turn NaN from its fourth step on.
+NAN_SCORES_FROM_STEP_4 = """
+import sys
+from grerank_dist import train as recipe
+inner, calls = recipe.reranker_scores, []
+def diverging(*args, **kwargs):
+    calls.append(None)
+    scores = inner(*args, **kwargs)
+    return scores * float("nan") if len(calls) >= 4 else scores
+recipe.reranker_scores = diverging
+parser = recipe.argparse.ArgumentParser()
+recipe.configure_parser(parser)
+sys.exit(recipe.run(parser.parse_args(sys.argv[1:])))
+"""
+
+
+def test_nan_scores_stop_the_run_at_the_next_log_point_before_any_checkpoint_of_them(tmp_path, toy_data):
+    """The value checks are deferred to the log points (no device read per step): NaN scores in
+    step 4 stop the run at step 6's read, naming the steps, and no checkpoint after step 3 is
+    written from them."""
+    args = train_args(tmp_path, toy_data, "train.max_steps=10", "train.log_every=3", "train.save_every=3")[2:]
+    result = run_cli(["-c", NAN_SCORES_FROM_STEP_4, *args])
+    assert result.returncode != 0
+    assert "ValueError: training steps up to 6: scores are NaN or infinite for valid candidates" in result.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_3"
+    assert not (tmp_path / "checkpoints" / "step_6").exists() and not (tmp_path / "reranker").exists()
+
+
+def test_compiled_reranker_trains_like_the_plain_one(tmp_path, toy_data):
+    """reranker.compile hands the reranker to torch.compile inside its engine (the `eager`
+    backend: graph capture without code generation, as CI has no time for inductor); the
+    compiled run's losses equal the plain run's."""
+    common = ["train.max_steps=2", "train.save_every=0"]
+    check(run_cli(train_args(tmp_path / "plain", toy_data, *common)))
+    check(run_cli(train_args(tmp_path / "compiled", toy_data, *common, "reranker.compile=eager")))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    bad = run_cli(train_args(tmp_path / "bad", toy_data, "reranker.compile=fast"))
+    assert bad.returncode != 0 and "reranker.compile" in bad.stderr
+
+
 def test_export_cli_and_reranker_tools(tmp_path, toy_data):
     """A LoRA run; `grerank export` of its checkpoint gives a plain directory that transformers,
     sentence-transformers' CrossEncoder and FlagEmbedding's FlagReranker load and score alike."""
