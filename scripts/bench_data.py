@@ -96,8 +96,8 @@ def memory() -> dict[str, int]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of job ``args`` (the driver's $BENCH_DATA_JOB): data to its first micro-batch,
-    then one JSON line of timings and memory."""
+    """One rank of job ``args`` (the driver's $BENCH_DATA_JOB): data to its first micro-batch
+    (timed from after the imports and the tokenizers), then one JSON line of timings and memory."""
     import torch.distributed as dist
 
     from grerank_dist.config import DataConfig
@@ -114,9 +114,9 @@ def worker(args: argparse.Namespace) -> None:
 
     data = DataConfig(train_file=args.data, n_candidates=args.n, cache_dir=args.cache, tokenize_workers=args.tokenize_workers)
     k, micro_batch = 5, 4
-    started = time.perf_counter()
-    gen_tok, rr_tok = tokenizers(args.data, args.tokenizers)
+    gen_tok, rr_tok = tokenizers(args.data, args.tokenizers)  # the same for both loaders: not timed
     collate = Collator(data, gen_tok, rr_tok, 256)
+    started = time.perf_counter()
     if args.loader == "old":
         records, _ = read_records(data.train_file, data.n_candidates)
         records = [r for r in records if len(r["ctxs"]) > k]
