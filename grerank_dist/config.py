@@ -91,7 +91,8 @@ class DataConfig:
     # ~/.cache/grerank_dist/data), keyed by the file, the tokenizers and the templates; later runs
     # memory-map it (grerank_dist/dataset.py).
     cache_dir: str = ""
-    # Processes that tokenise the file when the cache is built (0: every core this process may use).
+    # Processes that tokenise the file when the cache is built (0: every core this process may use;
+    # at most one per 2,000 records).
     tokenize_workers: int = 0
     # DataLoader processes that pad each rank's coming batches during the step (0: in the loop).
     num_workers: int = 1

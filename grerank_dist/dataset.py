@@ -198,6 +198,9 @@ def _encode_rows(batch: dict[str, list[Any]], collator: Collator) -> dict[str, l
     return collator.encode([dict(zip(batch, row)) for row in zip(*batch.values())])
 
 
+RECORDS_PER_TOKENIZE_WORKER = 2000  # fewer records per process and start-up outweighs the work
+
+
 def load_tokens(
     records: datasets.Dataset, records_key: str, collator: Collator, data: DataConfig, ranks: Ranks = Ranks()
 ) -> datasets.Dataset:
@@ -217,7 +220,8 @@ def load_tokens(
 
     def build(tmp: Path) -> None:
         names = list(_encode_rows(records[:1], collator))
-        workers = min(data.tokenize_workers or len(os.sched_getaffinity(0)), len(records))
+        # A worker process costs seconds to start: a small file is tokenised in this process.
+        workers = min(data.tokenize_workers or len(os.sched_getaffinity(0)), -(-len(records) // RECORDS_PER_TOKENIZE_WORKER))
         tokens = records.map(
             _encode_rows,
             fn_kwargs={"collator": collator},

@@ -133,6 +133,7 @@ def test_a_second_load_tokenises_nothing_and_new_tokenizers_or_templates_rebuild
     path = write_jsonl(tmp_path / "train.jsonl", varied_records())
     gen_tok, rr_tok = tokenizers_for("word", varied_records())
     data = DataConfig(train_file=path, n_candidates=5, cache_dir=str(tmp_path / "cache"), tokenize_workers=2)
+    monkeypatch.setattr(arrow_data, "RECORDS_PER_TOKENIZE_WORKER", 1)  # a small file still gets both processes
     records, _, key = load_records(data)
     first = load_tokens(records, key, Collator(data, gen_tok, rr_tok, 24), data)
     assert len({Path(f["filename"]).name for f in first.cache_files if "tokens" in f["filename"]}) == 2  # two processes
