@@ -142,7 +142,8 @@ def write_results(
     table = metrics_table_markdown(summary_rows, [*COLUMNS, STEP_COLUMN], percent=False)
     per_seed_tables = "\n".join(
         f"#### seed {seed}\n\n" + metrics_table_markdown({m: rows[m] for m in methods}, COLUMNS)
-        + "\nMedian step time: " + ", ".join(f"{m} {rows[m]['median_step_s']:.3f} s" for m in trained) + ".\n"
+        + "\nMedian step time: " + ", ".join(f"{m} {rows[m]['median_step_s']:.3f} s" for m in trained
+                                               if "median_step_s" in rows[m]) + ".\n"
         + "\nReader SubEM (%) by visible documents:\n\n" + reader_table_markdown(rows["reader"])
         + f"\nWall time of the seed's demo run: {rows['wall_s']:.0f} s.\n"
         for seed, rows in zip(seeds, per_seed)

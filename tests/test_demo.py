@@ -97,7 +97,9 @@ def test_reproduction_report_keeps_each_reader_family_in_its_own_section(tmp_pat
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     conditions = {"both_gold": 1.0, "answer_doc": 0.5, "bridge_doc": 0.0, "all_candidates": 0.9, "no_documents": 0.1, "queries": 4}
-    methods = {m: {"recall@2": 0.5, "final_mean_max_weight": 0.25} for m in ("retriever", "initial", "oracle", *script.METHODS)}
+    methods = {m: {"recall@2": 0.5, "final_mean_max_weight": 0.25} for m in ("retriever", "initial", "oracle")}
+    methods.update({m: {"recall@2": 0.5, "final_mean_max_weight": 0.25, "median_step_s": 0.2 + 0.1 * (m == "pdist")}
+                    for m in script.METHODS})
     per_seed = [{**methods, "reader": {"all": conditions}, "wall_s": 1.0}]
     report = tmp_path / "RESULTS.md"
     report.write_text("# Results\n")
@@ -110,6 +112,7 @@ def test_reproduction_report_keeps_each_reader_family_in_its_own_section(tmp_pat
     assert text.index(cepe_start) < text.index(cepe_end) < text.index(fid_start) < text.index(fid_end)
     assert "new cepe command" in text and "fid command" in text and "\n    cepe command" not in text
     assert "Reproduction over seeds, FiD reader" in text.split(fid_start)[1]
+    assert "| pdist | 50.0 |" in text and "| 1.50× |" in text  # pdist's step time over G-Rerank's
 
 
 def test_a_reused_reader_must_match_the_demo_generator(tmp_path):
