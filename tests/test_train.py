@@ -153,7 +153,7 @@ def test_compiled_reranker_trains_like_the_plain_one(tmp_path, toy_data):
     """reranker.compile hands the reranker to torch.compile inside its engine (the `eager`
     backend: graph capture without code generation, as CI has no time for inductor); the
     compiled run's losses equal the plain run's."""
-    common = ["train.max_steps=2", "train.save_every=0"]
+    common = ["train.max_steps=1", "train.save_every=0"]
     check(run_cli(train_args(tmp_path / "plain", toy_data, *common)))
     check(run_cli(train_args(tmp_path / "compiled", toy_data, *common, "reranker.compile=eager")))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
