@@ -187,6 +187,23 @@ def _all_ranks_done(finished: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def answer_logprobs_from_hidden(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
+    masks_per_query: int | None, causal: bool,
+) -> AnswerLogProbs:
+    """The answer's per-token log-probabilities from the decoder's last hidden states: only the
+    positions that predict a label go through ``lm_head`` (the vocabulary projection dominates
+    when answers are short). ``causal``: column t of ``hidden`` [R, S, H] predicts label t + 1;
+    otherwise (a seq2seq decoder fed a start token first) column t predicts label t."""
+    is_target = labels != -100
+    if causal:
+        is_target[:, 0] = False  # nothing predicts the first token
+        predictors = hidden[:, :-1][is_target[:, 1:]]
+    else:
+        predictors = hidden[:, : labels.shape[1]][is_target]
+    return answer_logprobs_from_logits(lm_head(predictors), labels, is_target, masks_per_query)
+
+
 def answer_logprobs_from_logits(
     logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor, masks_per_query: int | None
 ) -> AnswerLogProbs:

@@ -55,7 +55,7 @@ from grerank_dist.generator import (
     EncodedContexts,
     GeneratorFamily,
     InputFormat,
-    answer_logprobs_from_logits,
+    answer_logprobs_from_hidden,
     checked_document_mask,
     greedy_decode,
     stop_token_tensor,
@@ -871,11 +871,8 @@ class CepeForCausalContextLM(PreTrainedModel):
         hidden, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
         if labels is None:
             raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
-        is_target = labels != -100
-        is_target[:, 0] = False  # nothing predicts the first token
-        logits = self.lm_head(hidden[:, :-1][is_target[:, 1:]])
         per_query = masks_per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
-        return answer_logprobs_from_logits(logits, labels, is_target, per_query)
+        return answer_logprobs_from_hidden(hidden, labels, self.lm_head, per_query, causal=True)
 
     @torch.no_grad()
     def document_attention_mass(

@@ -42,7 +42,7 @@ from grerank_dist.generator import (
     EncodedContexts,
     GeneratorFamily,
     InputFormat,
-    answer_logprobs_from_logits,
+    answer_logprobs_from_hidden,
     checked_document_mask,
     greedy_decode,
     stop_token_tensor,
@@ -363,11 +363,9 @@ class DecoderOnlyGenerator(nn.Module):
         if labels is None:
             raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
         hidden = self._hidden(rows["input_ids"], rows["attention_mask"], keys)
-        is_target = labels != -100
-        is_target[:, 0] = False  # nothing predicts the first token
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][is_target[:, 1:]])
-        return answer_logprobs_from_logits(
-            logits, labels, is_target, per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
+        return answer_logprobs_from_hidden(
+            hidden, labels, self.lm.get_output_embeddings(),
+            per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None, causal=True,
         )
 
     @torch.no_grad()

@@ -43,7 +43,7 @@ from grerank_dist.generator import (
     EncodedContexts,
     GeneratorFamily,
     InputFormat,
-    answer_logprobs_from_logits,
+    answer_logprobs_from_hidden,
     checked_document_mask,
     greedy_decode,
     stop_token_tensor,
@@ -286,10 +286,8 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         ids, mask = self._with_start_token(rows["input_ids"], rows["attention_mask"])
         hidden = self._decode(contexts, ids, mask, key_bias)
         # right-padded rows: the start token is column 0, so column t predicts input_ids[:, t]
-        is_target = labels != -100
-        logits = self.lm_head(hidden[:, :-1][is_target])
         per_query = masks_per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
-        return answer_logprobs_from_logits(logits, labels, is_target, per_query)
+        return answer_logprobs_from_hidden(hidden, labels, self.lm_head, per_query, causal=False)
 
     @torch.no_grad()
     def document_attention_mass(
