@@ -122,21 +122,35 @@ def generate_topk(
     generator: ParallelContextGenerator,
     contexts: EncodedContexts,
     batch: Batch,
-    rankings: list[list[int]],
+    rankings: dict[str, list[list[int]]],
     k: int,
     max_new_tokens: int,
     stop_ids: list[int],
-) -> torch.Tensor:
-    """Greedy answer tokens [B, T] given only each query's top-k candidates of ``rankings``.
+    before_step: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """method -> greedy answer tokens [B, T] given only each query's top-k candidates of that
+    method's rankings.
 
     The other candidates stay encoded but get log-mask -inf, which removes them exactly (paper
-    Eq. 3-4): the answer is the one the generator gives with the k documents alone.
+    Eq. 3-4): the answer is the one the generator gives with the k documents alone. That answer
+    depends on the kept set only (documents keep their places whatever their rank), so each
+    query's distinct sets, over all methods, are answered once, in one batched call of m masks
+    per query (methods often agree: the oracle and a trained reranker, most of the time).
     """
-    log_mask = topk_log_mask(rankings, k, contexts.num_docs).to(batch.prompt_ids.device)
-    return generator.generate(
-        contexts, batch.prompt_ids, batch.prompt_attention_mask, log_mask,
-        max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
-    )
+    n = contexts.num_docs
+    kept = {method: [tuple(sorted(ranking[:k])) for ranking in ranked] for method, ranked in rankings.items()}
+    distinct = [list(dict.fromkeys(sets[row] for sets in kept.values())) for row in range(batch.prompt_ids.shape[0])]
+    width = max(len(sets) for sets in distinct)
+    # [B, width, n]; a query with fewer distinct sets repeats its last one
+    log_mask = torch.stack([topk_log_mask([list(sets[min(c, len(sets) - 1)]) for c in range(width)], k, n) for sets in distinct])
+    tokens = generator.generate(
+        contexts, batch.prompt_ids, batch.prompt_attention_mask, log_mask.to(batch.prompt_ids.device),
+        max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, before_step=before_step,
+    )  # [B, width, T]
+    return {
+        method: torch.stack([tokens[row, distinct[row].index(kept_set)] for row, kept_set in enumerate(sets)])
+        for method, sets in kept.items()
+    }
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -163,20 +177,23 @@ class TopKAnswerer:
     max_new_tokens: int
     stop_ids: list[int]
     device: torch.device
-    begin_pass: Callable[[], None]  # strategy.begin_generator_step (ZeRO-3 prefetch trace)
+    begin_pass: Callable[[], None]  # strategy.begin_generator_step: a new ZeRO-3 trace per pass
 
     def __call__(
         self, records: list[dict[str, Any]], record_ids: list[int], rankings: dict[str, list[list[int]]]
     ) -> dict[str, list[str]]:
-        """method -> one answer per record. The documents are encoded once for all methods."""
+        """method -> one answer per record. The documents are encoded once, and each distinct
+        top-k set of a query generated once, for all methods."""
         batch = self.collator(records, record_ids).to(self.device)
         self.begin_pass()
         contexts = self.generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
-        answers = {}
-        for method, ranked in rankings.items():
-            tokens = generate_topk(self.generator, contexts, batch, ranked, self.k, self.max_new_tokens, self.stop_ids)
-            answers[method] = [clean_prediction(t) for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-        return answers
+        tokens = generate_topk(
+            self.generator, contexts, batch, rankings, self.k, self.max_new_tokens, self.stop_ids, self.begin_pass
+        )
+        return {
+            method: [clean_prediction(t) for t in self.tokenizer.batch_decode(answer, skip_special_tokens=True)]
+            for method, answer in tokens.items()
+        }
 
 
 def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnswerer:

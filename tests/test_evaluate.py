@@ -166,21 +166,33 @@ def test_shards_cover_every_query_once_in_equal_batch_counts(num_records, world_
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_topk_generation_equals_generation_from_the_kept_documents_alone(assets, k):
+    """Three methods whose top-k sets agree on some queries and differ on others are answered in
+    one deduplicated batched call; each answer equals the generator's with the k documents alone."""
     config, records = assets["config"], assets["records"]
     model, tokenizer = load_generator(str(assets["root"] / "generator"))
     batch = Collator(config.data, tokenizer, None, config.reranker.max_length)(records, list(range(len(records))))
     shuffle = torch.Generator().manual_seed(k)
-    rankings = [torch.randperm(len(r["ctxs"]), generator=shuffle).tolist() for r in records]
+    shuffled = [torch.randperm(len(r["ctxs"]), generator=shuffle).tolist() for r in records]
+    rankings = {
+        "shuffled": shuffled,
+        "reversed": [ranking[::-1] for ranking in shuffled],
+        "half-agrees": [ranking if row % 2 else list(range(len(ranking))) for row, ranking in enumerate(shuffled)],
+    }
     stops = stop_token_ids(tokenizer)
+    calls = []
     with torch.no_grad():
         contexts = model.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
-        tokens = generate_topk(model, contexts, batch, rankings, k, MAX_NEW_TOKENS, stops)
+        tokens = generate_topk(model, contexts, batch, rankings, k, MAX_NEW_TOKENS, stops, lambda: calls.append(1))
         lengths = []
-        for row, ranking in enumerate(rankings):
-            expected = generate_from_kept_documents(model, batch, row, ranking[:k], stops)
-            assert tokens[row, : len(expected)].tolist() == expected.tolist(), f"query {row}, kept {ranking[:k]}"
-            assert (tokens[row, len(expected) :] == model.config.pad_token_id).all()
-            lengths.append(len(expected))
+        for method, ranked in rankings.items():
+            for row, ranking in enumerate(ranked):
+                expected = generate_from_kept_documents(model, batch, row, ranking[:k], stops)
+                got = tokens[method][row]
+                assert got[: len(expected)].tolist() == expected.tolist(), f"{method}, query {row}, kept {ranking[:k]}"
+                assert (got[len(expected) :] == model.config.pad_token_id).all()
+                lengths.append(len(expected))
+    # One decoder pass per generated token for all methods together (the hook runs before each).
+    assert len(calls) == tokens["shuffled"].shape[1]
     # The data exercises early stops and padded candidates (record 4 has fewer than 3 documents).
     assert min(lengths) < MAX_NEW_TOKENS and len(records[4]["ctxs"]) == 2
 

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -923,6 +923,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         *,
         use_cache: bool = True,
         pad_token_id: int | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Greedy continuation of LEFT-padded prompts: [R, T] (or [B, m, T] for 3-D masks), T <= max_new_tokens.
 
@@ -950,7 +951,7 @@ class CepeForCausalContextLM(PreTrainedModel):
             return self.lm_head(self.model(step_input, mask, key_bias, states, cross_kv, cache)[:, -1])
 
         output = greedy_decode(
-            next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache
+            next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache, before_step
         )
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
             output = output.reshape(-1, masks_per_query, output.shape[1])

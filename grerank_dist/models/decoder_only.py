@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -411,6 +411,7 @@ class DecoderOnlyGenerator(nn.Module):
         *,
         use_cache: bool = True,
         pad_token_id: int | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Greedy continuation of LEFT-padded prompts: [R, T] (or [B, m, T]), T <= max_new_tokens.
 
@@ -433,7 +434,7 @@ class DecoderOnlyGenerator(nn.Module):
             return head(self._hidden(step_input, mask, keys, cache)[:, -1])
 
         output = greedy_decode(
-            next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache
+            next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache, before_step
         )
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
             output = output.reshape(-1, per_query, output.shape[1])

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -336,6 +336,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         *,
         use_cache: bool = True,
         pad_token_id: int | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Greedy answer [R, T] (or [B, m, T]), T <= max_new_tokens, after the start token and the
         LEFT-padded prompt (FiD's is empty: a [B, 1] all-padding prompt is fine).
@@ -356,7 +357,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         def next_logits(step_input: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.lm_head(self._decode(contexts, step_input, mask, key_bias, cache=cache)[:, -1])
 
-        output = greedy_decode(next_logits, tokens, mask, stop_ids, pad_token_id, max_new_tokens, use_cache)
+        output = greedy_decode(next_logits, tokens, mask, stop_ids, pad_token_id, max_new_tokens, use_cache, before_step)
         if doc_log_mask is not None and doc_log_mask.dim() == 3:
             output = output.reshape(-1, masks_per_query, output.shape[1])
         return output
