@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -42,26 +43,28 @@ class DeferredChecks:
             raise ValueError(f"{where}: " + "; ".join(broken))
 
 
-_active: DeferredChecks | None = None
+# Per thread (and task): a DataLoader thread or an evaluation beside the trainer checks at once.
+_active: ContextVar[DeferredChecks | None] = ContextVar("grerank_deferred_checks", default=None)
 
 
 @contextmanager
 def deferred_checks() -> Iterator[DeferredChecks]:
-    """Within this block :func:`require` records its flags instead of reading them."""
-    global _active
-    previous, _active = _active, DeferredChecks()
+    """Within this block (in this thread) :func:`require` records its flags instead of reading them."""
+    checks = DeferredChecks()
+    token = _active.set(checks)
     try:
-        yield _active
+        yield checks
     finally:
-        _active = previous
+        _active.reset(token)
 
 
 def require(failed: torch.Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
     """Raise ``ValueError(message)`` when the bool tensor ``failed`` holds True, with ``detail()``
     (e.g. the offending rows, which costs another read) appended when checked at once; inside
     :func:`deferred_checks` the flag is kept for the next read instead."""
-    if _active is not None:
-        _active.record(failed, message)
+    active = _active.get()
+    if active is not None:
+        active.record(failed, message)
         return
     if bool(failed):
         raise ValueError(message + (f" {detail()}" if detail is not None else ""))

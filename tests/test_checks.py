@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,24 @@ def test_immediate_check_raises_with_detail_and_deferred_check_raises_at_the_rea
         checks.raise_failed("steps 6-10")  # flags were cleared by the read
     with pytest.raises(ValueError, match="scores are NaN or infinite for valid candidates"):
         relaxed_topk_gumbel(torch.tensor([[0.0, float("nan"), 1.0]]), 1, 0.5)  # immediate again
+
+
+def test_deferred_checks_are_per_thread():
+    """A thread beside the trainer's deferred block (a DataLoader thread, say) checks at once."""
+    raised = []
+
+    def other_thread():
+        try:
+            require(torch.tensor(True), "from the other thread")
+        except ValueError as error:
+            raised.append(str(error))
+
+    with deferred_checks() as checks:
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        checks.raise_failed("steps 1-2")  # nothing was recorded in this thread's block
+    assert raised == ["from the other thread"]
 
 
 def test_deferred_relaxation_check_reports_nan_scores_at_the_next_read():
