@@ -17,8 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import torch
 from datasets import Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
+from grerank_dist.atomic import build_directory
 from grerank_dist.config import DataConfig
 from grerank_dist.data import Batch, Collator, MicroBatchSchedule, ReadReport, RecordError, iter_records
 
@@ -115,7 +114,7 @@ def cached(target: Path, build: Callable[[Path], None], ranks: Ranks = Ranks()) 
         error = None
         if builds and not target.is_dir():
             try:
-                _build_atomically(target, build)
+                build_directory(target, build)
             except Exception as exc:  # re-raised below, after the other ranks have heard of it
                 error = exc
         failures = [f for f in ranks.gather(None if error is None else (type(error).__name__, str(error))) if f]
@@ -125,21 +124,6 @@ def cached(target: Path, build: Callable[[Path], None], ranks: Ranks = Ranks()) 
             name, message = failures[0]
             raise RecordError(message) if name == "RecordError" else RuntimeError(f"building {target} failed on another rank: {name}: {message}")
     return target
-
-
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # not another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_records(data: DataConfig, ranks: Ranks = Ranks()) -> tuple[datasets.Dataset, ReadReport, str]:

@@ -28,7 +28,6 @@ import torch
 from grerank_dist.config import load_config
 from grerank_dist.evaluate import evaluate
 from grerank_dist.fetch import fetch_model
-from grerank_dist.metrics import metrics_table_markdown
 from grerank_dist.reading import generate_reading_records
 from grerank_dist.reranker import export_reranker, load_reranker
 from grerank_dist.synthetic import split_seed

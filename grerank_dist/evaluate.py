@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from grerank_dist.atomic import write_text
 from grerank_dist.config import TrainConfig, load_config
 from grerank_dist.data import Batch, Collator, read_records, reranker_pairs
 from grerank_dist.generator import EncodedContexts, ParallelContextGenerator
@@ -296,9 +296,9 @@ def evaluate(
             "methods": metrics,
         }
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "metrics.json", json.dumps(summary, indent=2))
-        _atomic_write(out_dir / "predictions.jsonl", "".join(json.dumps(q) + "\n" for q in gathered))
-        _atomic_write(out_dir / "metrics.md", table)
+        write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
+        write_text(out_dir / "predictions.jsonl", "".join(json.dumps(q) + "\n" for q in gathered))
+        write_text(out_dir / "metrics.md", table)
         print(table, flush=True)
         print(f"{len(gathered)} queries in {elapsed:.1f}s ({queries_per_s:.1f} queries/s); wrote {out_dir}", flush=True)
     strategy.barrier()
@@ -349,12 +349,6 @@ def table_columns(ks: tuple[int, ...], metrics: dict[str, dict[str, Any]], with_
     if any("indirect_mrr" in m for m in metrics.values()):
         columns += [f"indirect_recall@{k}" for k in ks] + ["indirect_mrr"] + [f"indirect_ndcg@{k}" for k in ks]
     return columns + ["n_queries_without_relevant"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- command line

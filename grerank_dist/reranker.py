@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from grerank_dist.atomic import build_directory
 from grerank_dist.config import LoraConfig
 from grerank_dist.tokenization import build_word_tokenizer
 
@@ -103,25 +101,12 @@ def export_reranker(
     ``grerank_training_config.json``; an existing directory is replaced only once the new one is
     complete, so a crash never leaves a half-written reranker behind.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        plain = _unwrapped_for_export(model, weights)
+    plain = _unwrapped_for_export(model, weights)
+
+    def build(tmp: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if training_config is not None:
             (tmp / "grerank_training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return build_directory(Path(out_dir), build, replace=True)

@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from grerank_dist.atomic import write_text
 from grerank_dist.config import ConfigError, TrainConfig, load_json_with_overrides, resolve_path  # noqa: E402
 
 LATEST = "latest"
@@ -420,7 +421,4 @@ class DeepSpeedStrategy:
         """Rank 0 writes a JSON file atomically."""
         if not self.is_main:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(payload, indent=2, default=str))

@@ -30,7 +30,6 @@ from grerank_dist.reader import (
     reader_report,
     run,
     sample_view,
-    train_reader,
 )
 from grerank_dist.synthetic import generate_records
 from grerank_dist.tokenization import split_words

@@ -26,7 +26,7 @@ from grerank_dist.objectives import grerank_loss
 from grerank_dist.reading import generate_reading_records
 from grerank_dist.relax import noise_generator
 from grerank_dist.reranker import load_reranker, reranker_scores
-from test_train import CONFIG, ROOT, assert_export_matches_checkpoint, check, clean_env, run_cli, train_args
+from test_train import ROOT, assert_export_matches_checkpoint, check, clean_env, run_cli, train_args
 from toy import toy_records, write_jsonl
 
 STEPS = 6  # G-Rerank steps of the gold-margin test
