@@ -141,6 +141,44 @@ class GeneratorFamily:
     build_random: Callable[..., tuple[torch.nn.Module, Any]]
 
 
+def rows_for_masks(
+    tensors: dict[str, torch.Tensor | None], doc_log_mask: torch.Tensor | None, batch: int, n_docs: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, int | None]:
+    """Check shapes and give every mask its decoder row.
+
+    Returns the per-row decoder inputs (per-query tensors [B, S] repeated to the B*m rows of
+    [B, m, n] masks, query b's rows consecutive; [B*m, S] inputs are taken as they are), the row
+    masks [B*m, n] (zeros when ``doc_log_mask`` is None) and m, None for a [B, n] mask (one row
+    per query): what :func:`split_per_query` needs to give results back per query.
+    """
+    input_ids = tensors["input_ids"]
+    if input_ids is None or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+    if doc_log_mask is None:
+        doc_log_mask = torch.zeros(batch, n_docs, device=device)
+    per_query = doc_log_mask.shape[1] if doc_log_mask.dim() == 3 else None
+    expected = (batch, n_docs) if per_query is None else (batch, per_query, n_docs)
+    if tuple(doc_log_mask.shape) != expected:
+        raise ValueError(
+            f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
+            f"got {list(doc_log_mask.shape)}"
+        )
+    rows = batch * (per_query or 1)
+    if input_ids.shape[0] == batch and rows > batch:
+        tensors = {k: None if v is None else v.repeat_interleave(per_query, dim=0) for k, v in tensors.items()}
+    elif input_ids.shape[0] != rows:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {per_query or 1} mask(s) "
+            f"each it must have {batch} or {rows}"
+        )
+    return tensors, doc_log_mask.reshape(rows, n_docs), per_query
+
+
+def split_per_query(tensor: torch.Tensor, per_query: int | None) -> torch.Tensor:
+    """A per-row result [B*m, ...] as [B, m, ...] for [B, m, n] masks; as it is for one mask a query."""
+    return tensor if per_query is None else tensor.reshape(-1, per_query, *tensor.shape[1:])
+
+
 def stop_token_tensor(eos_token_id: int | list[int] | None, stop_token_ids: list[int] | None, device: torch.device) -> torch.Tensor:
     """The ids that end a generated answer: the model's EOS id(s), then ``stop_token_ids``."""
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -200,7 +238,7 @@ def _all_ranks_done(finished: torch.Tensor) -> bool:
 
 def answer_logprobs_from_hidden(
     hidden: torch.Tensor, labels: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
-    masks_per_query: int | None, causal: bool,
+    per_query: int | None, causal: bool,
 ) -> AnswerLogProbs:
     """The answer's per-token log-probabilities from the decoder's last hidden states: only the
     positions that predict a label go through ``lm_head`` (the vocabulary projection dominates
@@ -212,21 +250,20 @@ def answer_logprobs_from_hidden(
         predictors = hidden[:, :-1][is_target[:, 1:]]
     else:
         predictors = hidden[:, : labels.shape[1]][is_target]
-    return answer_logprobs_from_logits(lm_head(predictors), labels, is_target, masks_per_query)
+    return answer_logprobs_from_logits(lm_head(predictors), labels, is_target, per_query)
 
 
 def answer_logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor, masks_per_query: int | None
+    logits: torch.Tensor, labels: torch.Tensor, is_target: torch.Tensor, per_query: int | None
 ) -> AnswerLogProbs:
     """Per-token log-probabilities of the answer: ``logits`` [N, V] predict the N tokens where
     ``is_target`` [R, S] is True (in row-major order), ``labels`` [R, S] holds them. With
-    ``masks_per_query`` (3-D log-masks) the R = B*m rows come back as [B, m, S]."""
+    ``per_query`` m (3-D log-masks) the R = B*m rows come back as [B, m, S]."""
     picked = logits.gather(-1, labels[is_target][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     token_logprobs = torch.zeros(labels.shape, dtype=logits.dtype, device=logits.device).masked_scatter(is_target, picked)
-    if masks_per_query is not None:
-        token_logprobs = token_logprobs.reshape(-1, masks_per_query, labels.shape[1])
-        is_target = is_target.reshape(-1, masks_per_query, labels.shape[1])
-    return AnswerLogProbs(token_logprobs=token_logprobs, token_mask=is_target)
+    return AnswerLogProbs(
+        token_logprobs=split_per_query(token_logprobs, per_query), token_mask=split_per_query(is_target, per_query)
+    )
 
 
 def checked_document_mask(encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None) -> torch.Tensor:

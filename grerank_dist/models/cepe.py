@@ -58,6 +58,8 @@ from grerank_dist.generator import (
     answer_logprobs_from_hidden,
     checked_document_mask,
     greedy_decode,
+    rows_for_masks,
+    split_per_query,
     stop_token_tensor,
 )
 
@@ -810,10 +812,10 @@ class CepeForCausalContextLM(PreTrainedModel):
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         doc_log_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        rows, key_bias, masks_per_query = decoder_rows(
+        rows, key_bias, per_query = decoder_rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         )
         if rows["attention_mask"].shape != rows["input_ids"].shape:
@@ -823,7 +825,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         hidden = self.model(
             rows["input_ids"], rows["attention_mask"], key_bias, None if contexts is None else contexts.states
         )
-        return hidden, rows["labels"], masks_per_query
+        return hidden, rows["labels"], per_query
 
     def forward(
         self,
@@ -868,10 +870,9 @@ class CepeForCausalContextLM(PreTrainedModel):
         Only the positions that predict a label go through ``lm_head`` (the vocabulary
         projection dominates the cost when answers are short), in fp32 for a bf16 model.
         """
-        hidden, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
+        hidden, labels, per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
         if labels is None:
             raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
-        per_query = masks_per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
         return answer_logprobs_from_hidden(hidden, labels, self.lm_head, per_query, causal=True)
 
     @torch.no_grad()
@@ -894,7 +895,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         for layer in cross_layers:
             layer.mass_recorder = recorder
         try:
-            _, labels, masks_per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
+            _, labels, per_query = self._final_hidden(contexts, input_ids, attention_mask, labels, doc_log_mask)
         finally:
             for layer in cross_layers:
                 layer.mass_recorder = None
@@ -904,10 +905,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         predicting[:, :-1] = labels[:, 1:] != -100  # position t predicts label t + 1
         per_position = torch.stack(recorder.per_layer).mean(0)  # [R, S, n]
         weights = predicting.to(per_position.dtype)[:, :, None]
-        mass = (per_position * weights).sum(1) / weights.sum(1).clamp_min(1)
-        if doc_log_mask is not None and doc_log_mask.dim() == 3:
-            mass = mass.reshape(-1, masks_per_query, mass.shape[-1])
-        return mass
+        return split_per_query((per_position * weights).sum(1) / weights.sum(1).clamp_min(1), per_query)
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -937,7 +935,7 @@ class CepeForCausalContextLM(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1 for every row")
-        rows, key_bias, masks_per_query = decoder_rows(
+        rows, key_bias, per_query = decoder_rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         stop_ids = stop_token_tensor(self.config.eos_token_id, stop_token_ids, input_ids.device)
@@ -953,9 +951,7 @@ class CepeForCausalContextLM(PreTrainedModel):
         output = greedy_decode(
             next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache, before_step
         )
-        if doc_log_mask is not None and doc_log_mask.dim() == 3:
-            output = output.reshape(-1, masks_per_query, output.shape[1])
-        return output
+        return split_per_query(output, per_query)
 
     def _project_cross_keys_values(
         self, states: tuple[torch.Tensor, ...] | None
@@ -975,42 +971,24 @@ def decoder_rows(
     contexts: EncodedContexts | None,
     doc_log_mask: torch.Tensor | None,
     tensors: dict[str, torch.Tensor | None],
-) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, int]:
-    """Check shapes; return the per-row decoder inputs, the per-key bias [R, n*L] and m.
+) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, int | None]:
+    """Check shapes; return the per-row decoder inputs, the per-key bias [R, n*L] and m (None for
+    one mask a query; see :func:`grerank_dist.generator.rows_for_masks`).
 
-    Shared by every generator with a per-document log-mask (CEPE, FiD): with [B, m, n] masks,
-    per-query tensors [B, S] are repeated to the B*m decoder rows (query b's rows consecutive).
+    Shared by every generator whose documents are its only cross-attention keys (CEPE, FiD).
     """
-    input_ids = tensors["input_ids"]
-    if input_ids is None or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
-    masks_per_query = 1
     if contexts is None:
         if doc_log_mask is not None:
             raise ValueError("doc_log_mask was given without documents (contexts or encoder_input_ids)")
-        return tensors, None, masks_per_query
+        input_ids = tensors["input_ids"]
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+        return tensors, None, None
     batch, n_docs = contexts.key_padding.shape[:2]
-    if doc_log_mask is None:
-        doc_log_mask = torch.zeros(batch, n_docs, device=contexts.key_padding.device)
-    if doc_log_mask.dim() == 3:
-        masks_per_query = doc_log_mask.shape[1]
-    expected = (batch, n_docs) if doc_log_mask.dim() == 2 else (batch, masks_per_query, n_docs)
-    if tuple(doc_log_mask.shape) != expected:
-        raise ValueError(
-            f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
-            f"got {list(doc_log_mask.shape)}"
-        )
-    rows = batch * masks_per_query
-    if input_ids.shape[0] == batch and masks_per_query > 1:
-        tensors = {k: None if v is None else v.repeat_interleave(masks_per_query, dim=0) for k, v in tensors.items()}
-    elif input_ids.shape[0] != rows:
-        raise ValueError(
-            f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {masks_per_query} mask(s) "
-            f"each it must have {batch} or {rows}"
-        )
-    key_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
+    tensors, row_masks, per_query = rows_for_masks(tensors, doc_log_mask, batch, n_docs, contexts.key_padding.device)
+    key_bias = expand_doc_bias(row_masks, contexts.key_padding)
     check_key_bias(key_bias)
-    return tensors, key_bias, masks_per_query
+    return tensors, key_bias, per_query
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from grerank_dist.generator import (
     answer_logprobs_from_hidden,
     checked_document_mask,
     greedy_decode,
+    rows_for_masks,
+    split_per_query,
     stop_token_tensor,
 )
 from grerank_dist.models.cepe import Fp32LMHead, _causal_padding_mask, cache_keyword
@@ -278,38 +280,20 @@ class DecoderOnlyGenerator(nn.Module):
 
     def _rows(
         self, contexts: DecoderContexts, doc_log_mask: torch.Tensor | None, tensors: dict[str, torch.Tensor | None]
-    ) -> tuple[dict[str, torch.Tensor | None], _ParallelKeys, int]:
+    ) -> tuple[dict[str, torch.Tensor | None], _ParallelKeys, int | None]:
         """Check shapes; per-row decoder inputs, the attention kwargs and m (masks per query)."""
         if not isinstance(contexts, DecoderContexts):
             raise TypeError(f"contexts must come from this generator's encode_contexts, got {type(contexts).__name__}")
-        input_ids = tensors["input_ids"]
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, S] or [B*m, S], got {None if input_ids is None else tuple(input_ids.shape)}")
         batch, n_docs = contexts.key_padding.shape[:2]
-        if doc_log_mask is None:
-            doc_log_mask = torch.zeros(batch, n_docs, device=contexts.key_padding.device)
-        per_query = doc_log_mask.shape[1] if doc_log_mask.dim() == 3 else 1
-        expected = (batch, n_docs) if doc_log_mask.dim() == 2 else (batch, per_query, n_docs)
-        if tuple(doc_log_mask.shape) != expected:
-            raise ValueError(
-                f"doc_log_mask must be [B, n] = {[batch, n_docs]} or [B, m, n] = {[batch, 'm', n_docs]}, "
-                f"got {list(doc_log_mask.shape)}"
-            )
-        rows = batch * per_query
-        if input_ids.shape[0] == batch and per_query > 1:
-            tensors = {k: None if v is None else v.repeat_interleave(per_query, dim=0) for k, v in tensors.items()}
-        elif input_ids.shape[0] != rows:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[0]} rows; with {batch} queries and {per_query} mask(s) each it must have {batch} or {rows}"
-            )
+        tensors, row_masks, per_query = rows_for_masks(tensors, doc_log_mask, batch, n_docs, contexts.key_padding.device)
         # A log-mask means the same up to a constant per row (as in CEPE and FiD, whose documents
         # are the only cross-attention keys): here the prefix and the prompt are keys too, so
         # each row is shifted to give its strongest document weight 1 (log 0), like them.
-        row_max = doc_log_mask.amax(dim=-1, keepdim=True)
-        doc_log_mask = doc_log_mask - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        doc_bias = expand_doc_bias(doc_log_mask.reshape(rows, n_docs), contexts.key_padding)
+        row_max = row_masks.amax(dim=-1, keepdim=True)
+        row_masks = row_masks - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        doc_bias = expand_doc_bias(row_masks, contexts.key_padding)
         check_key_bias(doc_bias)
-        prefix_bias = doc_bias.new_zeros(rows, contexts.prefix_len)  # the prefix is no document: never masked
+        prefix_bias = doc_bias.new_zeros(doc_bias.shape[0], contexts.prefix_len)  # the prefix is no document: never masked
         return tensors, _ParallelKeys(contexts, torch.cat([prefix_bias, doc_bias], dim=1)), per_query
 
     def _hidden(
@@ -365,7 +349,7 @@ class DecoderOnlyGenerator(nn.Module):
         hidden = self._hidden(rows["input_ids"], rows["attention_mask"], keys)
         return answer_logprobs_from_hidden(
             hidden, labels, self.lm.get_output_embeddings(),
-            per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None, causal=True,
+            per_query, causal=True,
         )
 
     @torch.no_grad()
@@ -397,7 +381,7 @@ class DecoderOnlyGenerator(nn.Module):
         mass = torch.stack(keys.masses).mean(0) / heads  # [R, P + n*L]
         batch, n_docs, doc_len = contexts.key_padding.shape
         mass = mass[:, contexts.prefix_len :].reshape(-1, n_docs, doc_len).sum(-1)
-        return mass.reshape(batch, per_query, n_docs) if doc_log_mask is not None and doc_log_mask.dim() == 3 else mass
+        return split_per_query(mass, per_query)
 
     @torch.no_grad()
     def generate(
@@ -436,9 +420,7 @@ class DecoderOnlyGenerator(nn.Module):
         output = greedy_decode(
             next_logits, rows["input_ids"], rows["attention_mask"], stop_ids, pad_token_id, max_new_tokens, use_cache, before_step
         )
-        if doc_log_mask is not None and doc_log_mask.dim() == 3:
-            output = output.reshape(-1, per_query, output.shape[1])
-        return output
+        return split_per_query(output, per_query)
 
 
 # ----------------------------------------------------------------------------------------------

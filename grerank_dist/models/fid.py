@@ -46,6 +46,7 @@ from grerank_dist.generator import (
     answer_logprobs_from_hidden,
     checked_document_mask,
     greedy_decode,
+    split_per_query,
     stop_token_tensor,
 )
 from grerank_dist.models.cepe import (
@@ -250,7 +251,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
 
     def _rows(
         self, contexts: EncodedContexts, doc_log_mask: torch.Tensor | None, tensors: dict[str, torch.Tensor | None]
-    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, int]:
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, int | None]:
         if contexts is None:
             raise ValueError("FiD needs documents: contexts is None")
         if self.config.cross_attn_backend not in ("auto", *BACKENDS):
@@ -259,13 +260,13 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
             )
         if tensors.get("attention_mask") is None:
             tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
-        rows, key_bias, masks_per_query = decoder_rows(contexts, doc_log_mask, tensors)
+        rows, key_bias, per_query = decoder_rows(contexts, doc_log_mask, tensors)
         if rows["attention_mask"].shape != rows["input_ids"].shape:
             raise ValueError(
                 f"attention_mask shape {tuple(rows['attention_mask'].shape)} differs from input_ids shape "
                 f"{tuple(rows['input_ids'].shape)}"
             )
-        return rows, key_bias, masks_per_query
+        return rows, key_bias, per_query
 
     def answer_logprobs(
         self,
@@ -279,14 +280,13 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         ([R, S]; [B, m, S] for 3-D masks). Differentiable w.r.t. ``doc_log_mask`` only."""
         if labels is None:
             raise ValueError("answer_logprobs needs labels (-100 where no answer token)")
-        rows, key_bias, masks_per_query = self._rows(
+        rows, key_bias, per_query = self._rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         )
         labels = rows["labels"]
         ids, mask = self._with_start_token(rows["input_ids"], rows["attention_mask"])
         hidden = self._decode(contexts, ids, mask, key_bias)
         # right-padded rows: the start token is column 0, so column t predicts input_ids[:, t]
-        per_query = masks_per_query if doc_log_mask is not None and doc_log_mask.dim() == 3 else None
         return answer_logprobs_from_hidden(hidden, labels, self.lm_head, per_query, causal=False)
 
     @torch.no_grad()
@@ -307,7 +307,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         ``value_norm`` every key's probability is first weighted by the norm of its value
         vector (the paper's alpha * ||v|| variant) and renormalised. Eager softmax, no autograd.
         """
-        rows, key_bias, masks_per_query = self._rows(
+        rows, key_bias, per_query = self._rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         )
         ids, mask = self._with_start_token(rows["input_ids"], rows["attention_mask"])
@@ -322,7 +322,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
             per_doc = per_doc / per_doc.sum(-1, keepdim=True).clamp_min(torch.finfo(per_doc.dtype).tiny)
             total = total + (per_doc.mean(1) * is_target[..., None]).sum(1)  # [R, n]
         mass = total / (len(record) * is_target.sum(1, keepdim=True).clamp_min(1))
-        return mass.reshape(-1, masks_per_query, n_docs) if doc_log_mask is not None and doc_log_mask.dim() == 3 else mass
+        return split_per_query(mass, per_query)
 
     @torch.no_grad()
     def generate(
@@ -345,7 +345,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         The self-attention keys/values are cached and the cross-attention ones projected once.
         Under torch.distributed every rank steps until all ranks are done (ZeRO-3 lock step).
         """
-        rows, key_bias, masks_per_query = self._rows(
+        rows, key_bias, per_query = self._rows(
             contexts, doc_log_mask, {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         tokens, mask = self._with_start_token(rows["input_ids"], rows["attention_mask"])
@@ -358,9 +358,7 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
             return self.lm_head(self._decode(contexts, step_input, mask, key_bias, cache=cache)[:, -1])
 
         output = greedy_decode(next_logits, tokens, mask, stop_ids, pad_token_id, max_new_tokens, use_cache, before_step)
-        if doc_log_mask is not None and doc_log_mask.dim() == 3:
-            output = output.reshape(-1, masks_per_query, output.shape[1])
-        return output
+        return split_per_query(output, per_query)
 
 
 # ----------------------------------------------------------------------------------------------
