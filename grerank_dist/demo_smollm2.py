@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from grerank_dist.config import load_config
+from grerank_dist.config import TrainConfig, load_config
 from grerank_dist.evaluate import evaluate
 from grerank_dist.fetch import fetch_model
 from grerank_dist.reading import generate_reading_records
@@ -61,25 +61,34 @@ def write_reading_splits(out_dir: Path, sizes: dict[str, int], seed: int, n_cand
     return paths
 
 
+def prepare_run(
+    out_dir: Path, seed: int, splits: dict[str, int], overrides: list[str], cache_dir: Path | None = None
+) -> tuple[TrainConfig, dict[str, Path], Path]:
+    """The models (fetched if missing), the untrained MiniLM (new head included, saved once:
+    G-Rerank starts from it and the evaluation compares against exactly it; the same for a seed),
+    the reading splits and the demo's config with ``overrides``; the train split is the config's
+    train file."""
+    models = {name: fetch_model(name, cache_dir) for name in ("smollm2", "minilm")}
+    torch.manual_seed(seed)
+    untrained = export_reranker(*load_reranker(models["minilm"]), out_dir / "untrained_reranker")
+    config = load_config(CONFIG, [
+        f"output_dir={out_dir / 'train'}", f"seed={seed}",
+        f"generator.path={models['smollm2']}", f"reranker.path={untrained}", *overrides,
+    ])
+    paths = write_reading_splits(out_dir / "data", splits, seed, config.data.n_candidates)
+    config.data.train_file = str(paths["train"])
+    return config, paths, untrained
+
+
 def run_smollm2_demo(out_dir: Path, seed: int = 0, quick: bool = False, overrides: list[str] | None = None,
                      cache_dir: Path | None = None) -> dict[str, Any]:
     """Every stage; returns the summary also written to ``out_dir/summary.json``."""
     sizes = QUICK if quick else FULL
     started = time.perf_counter()
-    models = {name: fetch_model(name, cache_dir) for name in ("smollm2", "minilm")}
-    # The untrained reranker, new head included, saved once: G-Rerank starts from it and the
-    # evaluation compares against exactly it.
-    torch.manual_seed(seed)
-    untrained = export_reranker(*load_reranker(models["minilm"]), out_dir / "untrained_reranker")
-    config = load_config(CONFIG, [
-        f"output_dir={out_dir / 'train'}", f"seed={seed}",
-        f"generator.path={models['smollm2']}", f"reranker.path={untrained}",
-        *sizes["overrides"], *(overrides or []),
-    ])
-    splits = write_reading_splits(out_dir / "data", sizes["splits"], seed, config.data.n_candidates)
+    config, splits, untrained = prepare_run(out_dir, seed, sizes["splits"], [*sizes["overrides"], *(overrides or [])], cache_dir)
+    config.data.eval_file = str(splits["test"])
     mining = out_dir / "data" / "mining.jsonl"
     mining.write_text("".join(splits["train"].read_text().splitlines(keepends=True)[: sizes["mining"]]))
-    config.data.train_file, config.data.eval_file = str(splits["train"]), str(splits["test"])
 
     t = time.perf_counter()
     result = train(config, resume="none")
