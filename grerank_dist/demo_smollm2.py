@@ -36,9 +36,9 @@ from grerank_dist.train import train
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_smollm2.yaml"
 
-# The full sizes: 60 training steps (15-27 s each on one thread of a loaded 2-core machine) and a
-# generator-setting evaluation that costs more still on CPU (docs/REAL_MODELS.md); --quick passes
-# through every stage in about a minute.
+# The full sizes: 60 training steps (20-24 s each on one thread of a loaded 2-core machine) and
+# an evaluation of about the same cost (docs/REAL_MODELS.md); --quick passes through every stage
+# in about a minute.
 FULL = {"splits": {"train": 600, "test": 100}, "mining": 100, "overrides": []}
 QUICK = {"splits": {"train": 4, "test": 2}, "mining": 2,
          "overrides": ["data.n_candidates=3", "data.doc_max_tokens=24", "train.max_steps=1", "train.micro_batch_size=2",
