@@ -8,6 +8,7 @@ would read. Checkpoints have their own multi-stage protocol (``DeepSpeedStrategy
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["STALE_AFTER_S", "build_directory", "write_text"]
+__all__ = ["STALE_AFTER_S", "build_directory", "file_hashes", "sha256_file", "write_text"]
 
 # A temporary directory untouched this long was left by a killed build (a build that is still
 # running writes into it); it is removed by the next build of the same target.
@@ -76,3 +77,17 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """The sha256 of every file under ``directory`` by relative path: the manifest a complete
+    directory (a fetched model, a checkpoint) is later checked against."""
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -452,6 +452,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m grerank_dist.bench", description=__doc__.splitlines()[0])
-    configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from grerank_dist.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))  # the `grerank bench` command, teardown included

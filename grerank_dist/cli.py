@@ -55,7 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"grerank {name}", description=help_text)
     module.configure_parser(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    succeeded = False
+    try:
+        status = int(module.run(args) or 0)
+        succeeded = True
+        return status
+    finally:
+        _release_process_group(synchronize=succeeded)
+
+
+def _release_process_group(synchronize: bool) -> None:
+    """Destroy the process group a command started (train, eval, bench...), so that no rank
+    aborts at exit; commands that never started one import nothing here."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        from grerank_dist.strategy import shutdown_distributed
+
+        shutdown_distributed(synchronize)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ class ObjectiveConfig:
     that lie ~0.1 apart. The target is softmax(target / target_temperature); a PDist/LOOP target
     is a mean per-token log-likelihood, where a supporting and a distracting document differ by
     tenths of a nat per token, so the default 0.1 turns such a gap into a logit gap of a few
-    units (a peaked, but not one-hot, target). ADist's target is the log attention fraction.
+    units (a peaked, but not one-hot, target). ADist's default target (``adist_target: atlas``)
+    is Atlas's softmax over the pooled attention x value-norm scores, without T_g.
     """
 
     target_temperature: float = 0.1
@@ -124,7 +125,9 @@ class ObjectiveConfig:
     # target_to_scores: KL(target || reranker) as Atlas; scores_to_target: the reverse (mode-seeking).
     kl_direction: str = "target_to_scores"
     dro_samples: int = 4  # m subsets of relax.k candidates per query (DRO suggests 4-8)
-    adist_value_norm: bool = False  # weigh attention probabilities by the value vectors' norms
+    # atlas: softmax(pooled alpha * ||v||) (Izacard et al. 2022); log_mass: softmax(log(mass) / T_g).
+    adist_target: str = "atlas"
+    adist_value_norm: bool = True  # weigh attention probabilities by the value vectors' norms (Atlas)
 
 
 @dataclass
@@ -322,7 +325,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("relax.tau", f"must be > 0, got {r.tau!r}")
     if not _is_number(r.kappa) or r.kappa <= 0:
         fail("relax.kappa", f"must be > 0, got {r.kappa!r}")
-    from grerank_dist.objectives import KL_DIRECTIONS, OBJECTIVES  # late: objectives import torch
+    from grerank_dist.objectives import ADIST_TARGETS, KL_DIRECTIONS, OBJECTIVES  # late: objectives import torch
 
     if t.objective not in OBJECTIVES:
         fail("train.objective", f"must be one of {sorted(OBJECTIVES)}, got {t.objective!r}")
@@ -332,6 +335,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
             fail(key, f"must be > 0, got {value!r}")
     if o.kl_direction not in KL_DIRECTIONS:
         fail("objective.kl_direction", f"must be one of {KL_DIRECTIONS}, got {o.kl_direction!r}")
+    if o.adist_target not in ADIST_TARGETS:
+        fail("objective.adist_target", f"must be one of {ADIST_TARGETS}, got {o.adist_target!r}")
     if t.schedule not in SCHEDULES:
         fail("train.schedule", f"must be one of {SCHEDULES}, got {t.schedule!r}")
     if d.answer_choice not in ANSWER_CHOICES:

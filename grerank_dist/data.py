@@ -328,9 +328,8 @@ class Collator:
     ``Document (Title: {title}): {text}`` without BOS (the template may also use ``{question}``,
     as FiD's ``question: {question} title: {title} context: {text}`` does), truncated to
     ``doc_max_tokens`` and left-padded to the batch's longest document; the decoder input is BOS + ``Question: {question}\\nAnswer:`` followed by
-    the answer tokens (tokenised on their own, so SentencePiece gives the word-initial pieces the
-    answer has after "Answer:"). Reranker pairs are (question, passage) truncated like the usual
-    cross-encoders (longest-first to ``max_length``).
+    the answer tokens as they continue the prompt (:meth:`_answer_ids`). Reranker pairs are
+    (question, passage) truncated like the usual cross-encoders (longest-first to ``max_length``).
     """
 
     def __init__(
@@ -361,6 +360,25 @@ class Collator:
         kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
         return self.gen_tok(texts, add_special_tokens=False, **kwargs)["input_ids"]
 
+    def _answer_ids(self, prompts: list[str], prompt_ids: list[list[int]], answers: list[list[str]]) -> list[list[list[int]]]:
+        """Every answer's tokens as they continue its prompt: the tokens of the joint text
+        (:func:`_prompt_then_answer`) after the prompt's own. A byte-level BPE (Llama-3, Qwen2,
+        SmolLM2) writes the space before a word into the word's token, so "Paris" alone would be an
+        unnatural continuation of "Answer:" where " Paris" is the natural one; SentencePiece gives
+        the same word-initial pieces either way. Where the prompt's tokens are not a prefix of the
+        joint ones (the tokenizer merges across the join, e.g. a prompt ending in a space before a
+        byte-level word), the model still reads the prompt's own tokens (generation starts from
+        them), so the answer is tokenised alone after them and the row still spells prompt + answer."""
+        joint_ids = iter(self._gen_ids([_prompt_then_answer(p, a) for p, alts in zip(prompts, answers) for a in alts]))
+        rows = []
+        for prompt, alts in zip(prompt_ids, answers):
+            row = []
+            for answer in alts:
+                joint = next(joint_ids)
+                row.append(joint[len(prompt) :] if joint[: len(prompt)] == prompt else self._gen_ids([answer])[0])
+            rows.append(row)
+        return rows
+
     def encode(self, records: list[dict[str, Any]]) -> dict[str, list[Any]]:
         """Everything of a batch that does not depend on the epoch, per record, unpadded: the
         token ids (every gold answer's: which one trains depends on the epoch), the candidate
@@ -379,8 +397,9 @@ class Collator:
         ]
         doc_ids = self._gen_ids(docs, d.doc_max_tokens)
         features["doc_ids"] = [doc_ids[b * n : (b + 1) * n] for b in range(len(records))]
-        features["prompt_ids"] = self._gen_ids([self.format.prompt_template.format(question=r["question"]) for r in records])
-        features["answer_ids"] = [self._gen_ids(r["answers"]) for r in records]
+        prompts = [self.format.prompt_template.format(question=r["question"]) for r in records]
+        features["prompt_ids"] = self._gen_ids(prompts)
+        features["answer_ids"] = self._answer_ids(prompts, features["prompt_ids"], [r["answers"] for r in records])
         features["valid"] = candidate_mask(records, n).tolist()
         features["relevant"] = relevance_mask(records, n).tolist()
         features["retriever_scores"] = retriever_score_matrix(records, n).tolist()
@@ -439,6 +458,14 @@ class Collator:
 
     def __call__(self, records: list[dict[str, Any]], record_ids: list[int], epoch: int = 0) -> Batch:
         return self.pad(self.encode(records), [self.answer_index(r, epoch) for r in records], record_ids)
+
+
+def _prompt_then_answer(prompt: str, answer: str) -> str:
+    """The text the model reads for prompt + answer: one space between them unless the prompt is
+    empty (FiD's decoder) or whitespace already sits at the join (a chat template's assistant turn
+    ends in a newline): "Answer:" + "Paris" -> "Answer: Paris"."""
+    space = bool(prompt) and not prompt[-1].isspace() and not answer[:1].isspace()
+    return prompt + (" " if space else "") + answer
 
 
 def _padded_ctxs(records: list[dict[str, Any]], n: int) -> list[dict[str, str]]:

@@ -18,7 +18,7 @@ import torch
 
 from grerank_dist.config import LoraConfig
 from grerank_dist.reranker import export_reranker, load_reranker
-from grerank_dist.strategy import LATEST, MODEL_STATES
+from grerank_dist.strategy import LATEST, MODEL_STATES, checkpoint_problem
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -52,6 +52,11 @@ def _fp32_masters(step_dir: Path) -> dict[str, torch.Tensor]:
             f"{step_dir}: the module states are bf16/fp16 and the fp32 master weights are not in ZeRO "
             "optimizer partitions (a stage-0 run): use the reranker/ export saved inside the checkpoint"
         )
+    # zero_to_fp32 unpickles the optimizer files (torch.load weights_only=False): only files this
+    # run wrote, as its manifest lists them, are read.
+    problem = checkpoint_problem(step_dir.parent, step_dir)
+    if problem:
+        raise ValueError(f"{step_dir}: refusing to unpickle its optimizer files: {problem}")
     masters = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     return {name: tensor.float() for name, tensor in masters.items()}
 

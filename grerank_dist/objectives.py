@@ -171,7 +171,7 @@ def pdist_loss(
     the target the mean per-token answer log-likelihood with each candidate alone."""
     settings = settings or ObjectiveConfig()
     answer = answer_under_masks(generator, contexts, batch, single_document_masks(batch.valid))
-    return _distillation(answer.mean(), scores, batch, relax, settings)
+    return _distillation(answer.mean() / settings.target_temperature, scores, batch, relax, settings)
 
 
 def loop_loss(
@@ -189,7 +189,7 @@ def loop_loss(
     answer = answer_under_masks(generator, contexts, batch, leave_one_out_masks(batch.valid))
     nll = -answer.mean()  # [B, n + 1]
     rise = nll[:, :-1] - nll[:, -1:]
-    out = _distillation(rise, scores, batch, relax, settings)
+    out = _distillation(rise / settings.target_temperature, scores, batch, relax, settings)
     out.stats["nll_rise_max"] = rise.masked_fill(~batch.valid, -torch.inf).max(-1).values.mean()
     return out
 
@@ -203,9 +203,10 @@ def adist_loss(
     noise: torch.Generator | None,
     settings: ObjectiveConfig | None = None,
 ) -> ObjectiveOutput:
-    """ADist: the target is the log of the generator's cross-attention mass on each candidate
-    (heads, layers and answer tokens; optionally weighted by the value norms) with every real
-    candidate present, read by the generator's ``document_attention_mass`` under no_grad."""
+    """ADist: the target is read from the generator's cross-attention on each candidate (averaged
+    over heads, layers and answer tokens, by default weighted by the value norms) with every real
+    candidate present, through the generator's ``document_attention_mass`` under no_grad; see
+    :func:`adist_target_logits` for how it becomes the target distribution."""
     settings = settings or ObjectiveConfig()
     mass_of = getattr(generator, "document_attention_mass", None)
     if mass_of is None:
@@ -216,8 +217,24 @@ def adist_loss(
     full_set = torch.zeros(batch.valid.shape, device=scores.device).masked_fill(~batch.valid, -torch.inf)
     with torch.no_grad():
         mass = mass_of(contexts, batch.input_ids, batch.attention_mask, batch.labels, full_set, settings.adist_value_norm)
-    target = mass.to(scores.dtype).clamp_min(torch.finfo(scores.dtype).tiny).log()
-    return _distillation(target, scores, batch, relax, settings)
+    return _distillation(adist_target_logits(mass.to(scores.dtype), settings), scores, batch, relax, settings)
+
+
+ADIST_TARGETS = ("atlas", "log_mass")
+
+
+def adist_target_logits(mass: torch.Tensor, settings: ObjectiveConfig) -> torch.Tensor:
+    """The logits of ADist's target distribution from the pooled attention scores [B, n].
+
+    ``atlas`` (Izacard et al. 2022, Sec. 2.2): the scores themselves, alpha * ||v|| averaged over
+    heads, layers and answer tokens, so p_ATTN = softmax(scores) with no temperature. ``log_mass``
+    (this project's earlier target, kept by name): log(mass) / target_temperature, i.e. the mass
+    raised to 1 / T_g and renormalised (T_g = 1: the attention fraction itself)."""
+    if settings.adist_target == "atlas":
+        return mass
+    if settings.adist_target == "log_mass":
+        return mass.clamp_min(torch.finfo(mass.dtype).tiny).log() / settings.target_temperature
+    raise ValueError(f"objective.adist_target must be one of {ADIST_TARGETS}, got {settings.adist_target!r}")
 
 
 def dro_loss(
@@ -315,17 +332,18 @@ def _log_softmax_valid(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 def _distillation(
-    target: torch.Tensor,
+    target_logits: torch.Tensor,
     scores: torch.Tensor,
     batch: Batch,
     relax: RelaxConfig,
     settings: ObjectiveConfig,
 ) -> ObjectiveOutput:
-    """KL between the target distribution softmax(target / T_g) (no gradient) and the
-    reranker's softmax(scores / T_s) over the real candidates, in ``settings.kl_direction``:
-    ``target_to_scores`` is KL(target || scores) (Atlas), ``scores_to_target`` the reverse."""
+    """KL between the target distribution softmax(target_logits) (no gradient; each objective
+    applies its own temperature) and the reranker's softmax(scores / T_s) over the real
+    candidates, in ``settings.kl_direction``: ``target_to_scores`` is KL(target || scores)
+    (Atlas), ``scores_to_target`` the reverse."""
     valid = batch.valid
-    log_target = _log_softmax_valid(target.detach().to(scores.dtype) / settings.target_temperature, valid)
+    log_target = _log_softmax_valid(target_logits.detach().to(scores.dtype), valid)
     log_student = _log_softmax_valid(scores / settings.score_temperature, valid)
     if settings.kl_direction == "target_to_scores":
         per_query = (log_target.exp() * (log_target - log_student)).masked_fill(~valid, 0.0).sum(-1)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,18 +29,54 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from grerank_dist.atomic import write_text
+from grerank_dist.atomic import file_hashes, write_text
 from grerank_dist.config import ConfigError, TrainConfig, load_json_with_overrides, resolve_path  # noqa: E402
 
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's module states file in every checkpoint
 STEP_DIR = re.compile(r"step_\d+")
 LEFTOVER_DIR = re.compile(r"step_\d+\.(partial|old|tmp)")  # the stages of a save (see save_checkpoint)
+TRAINER_STATE = "trainer_state.json"  # in each step: the recipe's own state (the step), JSON
+CHECKPOINT_MANIFEST = "grerank_manifest.json"  # in each step, written last: run id and every file's sha256
+RUN_ID = "run_id"  # in the checkpoints directory: the run its steps' manifests must name
+
+
+class CheckpointVerificationError(RuntimeError):
+    """A checkpoint that does not match the manifest its run wrote; DeepSpeed, which unpickles
+    checkpoint files (and so runs any code in them), is never given it."""
 
 
 def is_complete(step_dir: Path) -> bool:
     """A checkpoint directory DeepSpeed finished writing."""
     return (Path(step_dir) / MODEL_STATES).is_file()
+
+
+def checkpoint_problem(ckpt_dir: Path, step_dir: Path) -> str | None:
+    """What keeps ``step_dir`` from being this run's checkpoint as saved, or None: its manifest
+    must name the run in ``ckpt_dir/run_id`` and list exactly its files, each with its sha256."""
+    manifest_file = step_dir / CHECKPOINT_MANIFEST
+    if not manifest_file.is_file():
+        return f"{manifest_file}: missing (a checkpoint not saved by this version of grerank train)"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        saved_by, expected = str(manifest["run_id"]), dict(manifest["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{manifest_file}: not a checkpoint manifest ({exc!r})"
+    run_file = ckpt_dir / RUN_ID
+    run = run_file.read_text().strip() if run_file.is_file() else "(missing)"
+    if run != saved_by:
+        return f"{step_dir} was saved by run {saved_by}, but {run_file} names run {run}"
+    actual = file_hashes(step_dir)
+    del actual[CHECKPOINT_MANIFEST]
+    for name in sorted(expected.keys() | actual.keys()):
+        path = step_dir / name
+        if name not in actual:
+            return f"{path}: listed in {manifest_file} but missing"
+        if name not in expected:
+            return f"{path}: not in the manifest {manifest_file}"
+        if actual[name] != expected[name]:
+            return f"{path}: sha256 {actual[name]} does not match {expected[name]} in {manifest_file}"
+    return None
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -54,6 +91,28 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def shutdown_distributed(synchronize: bool = True) -> None:
+    """Stop DeepSpeed's comms logger and destroy the process group, before the interpreter exits.
+
+    A gloo group left alive is torn down by static destructors at exit, while its threads may
+    still be joinable: the process then aborts ("terminate called without an active exception",
+    SIGABRT) after its work succeeded, and torchrun reports the rank as failed. ``synchronize``
+    waits for every rank first, so that none closes its sockets while a peer still talks to it;
+    pass False on an error path, where a peer may never arrive.
+    """
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm as ds_comm
+
+    ds_comm.configure(enabled=False)
+    if synchronize:
+        dist.barrier()
+    if ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _ensure_single_process_env() -> None:
@@ -290,6 +349,11 @@ class DeepSpeedStrategy:
         the complete ``step_N.partial``, the old directory moves aside to ``step_N.old``, a
         hard-linked copy of the new one is renamed to ``step_N``, ``latest`` names it, and only
         then are the old and the partial directories deleted.
+
+        ``client_state`` (the recipe's own state) is written as JSON beside DeepSpeed's files.
+        Before the rename, once every rank's files and the export are written, rank 0 writes
+        the manifest that ``load_checkpoint`` checks: this run's id (``checkpoints/run_id``,
+        made at the run's first save) and the sha256 of every file of the step.
         """
         ckpt_dir = Path(ckpt_dir)
         tag = f"step_{step}"
@@ -302,15 +366,33 @@ class DeepSpeedStrategy:
                 self._install(ckpt_dir, tag)
             shutil.rmtree(partial, ignore_errors=True)
         self.barrier()
-        self.reranker_engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        self.reranker_engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
         self.barrier()
         if export_fn is not None:
             export_fn(partial / "reranker")
         if self.is_main:
+            write_text(partial / TRAINER_STATE, json.dumps(client_state))
+            self._write_manifest(ckpt_dir, partial)
             self._install(ckpt_dir, tag)
             self._prune(ckpt_dir, keep=self.config.train.keep_last)
         self.barrier()
         return ckpt_dir / tag
+
+    @staticmethod
+    def _write_manifest(ckpt_dir: Path, step_dir: Path) -> None:
+        """The last file of a checkpoint: the run's id (made here at the run's first save) and
+        the sha256 of every other file (see ``checkpoint_problem``)."""
+        run_file = ckpt_dir / RUN_ID
+        if not run_file.is_file():
+            write_text(run_file, uuid.uuid4().hex)
+        manifest = {"run_id": run_file.read_text().strip(), "files": file_hashes(step_dir)}
+        write_text(step_dir / CHECKPOINT_MANIFEST, json.dumps(manifest, indent=2))
+
+    def start_new_run(self, ckpt_dir: Path) -> None:
+        """A run starting from no checkpoint drops the run id, so steps an earlier run left in
+        ``ckpt_dir`` (``--resume none``) no longer verify as this run's; its first save makes one."""
+        if self.is_main:
+            (Path(ckpt_dir) / RUN_ID).unlink(missing_ok=True)
 
     def _install(self, ckpt_dir: Path, tag: str) -> None:
         """Give the complete ``tag.partial`` checkpoint its final name and point ``latest`` at it
@@ -410,12 +492,27 @@ class DeepSpeedStrategy:
         return masters
 
     def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-        path, client_state = self.reranker_engine.load_checkpoint(
+        """Load checkpoint ``tag`` into the reranker engine and return the recipe's state saved
+        with it. DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs
+        any code a pickle holds, so every rank first checks the step against its manifest, and
+        all refuse together if any rank finds a file changed, missing or extra, or the step
+        saved by another run. The recipe's own state is JSON."""
+        step_dir = Path(ckpt_dir) / tag
+        if not step_dir.is_dir():
+            raise FileNotFoundError(f"{step_dir}: no such checkpoint")
+        problems = [p for p in self.all_gather_object(checkpoint_problem(Path(ckpt_dir), step_dir)) if p]
+        if problems:
+            raise CheckpointVerificationError(
+                f"{problems[0]}; not resuming from {step_dir}: DeepSpeed would unpickle its files, which can run "
+                "code. Resume only checkpoints this run wrote: restore the file, name another checkpoint with "
+                "--resume step_N, or start over with --resume none"
+            )
+        path, _ = self.reranker_engine.load_checkpoint(
             str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
-            raise FileNotFoundError(f"{ckpt_dir}/{tag}: DeepSpeed found no checkpoint to load")
-        return client_state or {}
+            raise FileNotFoundError(f"{step_dir}: DeepSpeed found no checkpoint to load")
+        return json.loads((step_dir / TRAINER_STATE).read_text())
 
     def write_json(self, path: Path, payload: dict[str, Any]) -> None:
         """Rank 0 writes a JSON file atomically."""

@@ -349,6 +349,9 @@ def rank_main(argv: list[str]) -> int:
             results.append({"placement": placement, "error": f"{type(exc).__name__}: {exc}"})
     rank = int(os.environ["RANK"])
     Path(f"{args.out}.rank{rank}").write_text(json.dumps(results))
+    from grerank_dist.strategy import shutdown_distributed
+
+    shutdown_distributed()
     return 0
 
 

@@ -195,6 +195,8 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
         start_step = int(state["step"])
         if strategy.is_main:
             print(f"resumed from {ckpt_dir / Path(tag).name} at step {start_step}", flush=True)
+    else:
+        strategy.start_new_run(ckpt_dir)
     strategy.write_json(out_dir / "train_config.json", config.to_dict())
 
     # Records past the resumed step are logged again below: the logger drops the earlier ones.
@@ -309,6 +311,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    _parser = argparse.ArgumentParser(prog="python -m grerank_dist.train", description=__doc__)
-    configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from grerank_dist.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))  # the `grerank train` command, teardown included

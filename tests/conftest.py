@@ -14,3 +14,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "GRERANK_DATA_DIR" not in os.environ:
     os.environ["GRERANK_DATA_DIR"] = tempfile.mkdtemp(prefix="grerank-test-data-")
     atexit.register(shutil.rmtree, os.environ["GRERANK_DATA_DIR"], True)
+
+# A test that fails and then passes on a retry fails the run (tests/flake_guard.py).
+pytest_plugins = ["flake_guard", "pytester"]

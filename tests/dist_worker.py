@@ -16,6 +16,7 @@ from grerank_dist.config import load_config
 from grerank_dist.models import load_generator
 from grerank_dist.train import record_texts, train
 from grerank_dist.data import Collator, read_records
+from grerank_dist.strategy import shutdown_distributed
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -80,6 +81,7 @@ def main() -> None:
     }
     with open(f"{out_path}.rank{strategy.rank}", "w") as handle:
         json.dump(payload, handle)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

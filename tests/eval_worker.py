@@ -11,7 +11,7 @@ from pathlib import Path
 
 from grerank_dist.config import load_config
 from grerank_dist.evaluate import evaluate
-from grerank_dist.strategy import DeepSpeedStrategy
+from grerank_dist.strategy import DeepSpeedStrategy, shutdown_distributed
 
 KS = (1, 3)
 BATCH_SIZE = 2
@@ -35,6 +35,7 @@ def main() -> None:
         "local_fraction": sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params),
     }
     (Path(out_dir) / f"rank{strategy.rank}.json").write_text(json.dumps(payload))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ def test_only_the_reranker_receives_gradients(objective):
     assert reached == [], reached
 
 
+@pytest.mark.distributed
 def test_two_processes_train_with_dro(tmp_path):
     """torchrun, 2 ranks on gloo, ZeRO-3 generator: DRO's m sampled subsets per query run as one
     decoder call per step in a fixed module order (the prefetch trace stays complete), the

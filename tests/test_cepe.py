@@ -731,6 +731,8 @@ ZERO3_WORKER = textwrap.dedent(
                          encoder_attention_mask=batch.encoder_attention_mask, doc_log_mask=log_mask).loss
     loss.backward()
     json.dump({"partitioned": partitioned, "loss": loss.item(), "grad": log_mask.grad.tolist()}, open(sys.argv[2], "w"))
+    from grerank_dist.strategy import shutdown_distributed
+    shutdown_distributed()
     """
 )
 

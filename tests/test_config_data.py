@@ -4,8 +4,15 @@ import json
 
 import pytest
 
-from grerank_dist.config import ConfigError, load_config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast, T5Tokenizer
+
+from grerank_dist.config import ConfigError, DataConfig, load_config
 from grerank_dist.data import Collator, MicroBatchSchedule, RecordError, read_records, training_answer
+from grerank_dist.evaluate import clean_prediction
+from grerank_dist.generator import InputFormat
+from grerank_dist.metrics import substring_exact_match
+from grerank_dist.models.decoder_only import decoder_input_format
 from grerank_dist.tokenization import build_word_tokenizer
 from grerank_dist.train import record_texts
 
@@ -168,3 +175,103 @@ def test_schedule_partitions_each_epoch_across_ranks():
         assert len(seen) == len(set(seen)) == steps * bsz * world  # disjoint across ranks and steps
     assert schedules[0].indices(0) != schedules[0].indices(steps)  # a new permutation each epoch
     assert MicroBatchSchedule(n, bsz, world, 1, seed=7).indices(5) == schedules[1].indices(5)
+
+
+# ---------------------------------------------------------------------- answer tokens after the prompt
+
+CAPITAL = {"question": "what is the capital of France?", "answers": ["Paris"],
+           "ctxs": [{"title": "France", "text": "Paris is the capital of France."}]}
+CAPITAL_CORPUS = ["Question: what is the capital of France?\nAnswer: Paris", "Paris is the capital of France.",
+                  "France: Paris", "Answer: Oslo"] * 4
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_bpe():
+    """A GPT-2-style byte-level BPE (as SmolLM2, Llama-3 and Qwen2 tokenise; no prefix space)
+    trained on a few lines, with ChatML's special tokens and chat template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend.train_from_iterator(CAPITAL_CORPUS, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[0],
+                                        additional_special_tokens=specials[1:])
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def llama2_sentencepiece():
+    """Llama-2's tokenizer as transformers builds it (SentencePiece BPE, "▁" prepended), over
+    merges learned on a few lines."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(CAPITAL_CORPUS, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    model = json.loads(backend.to_str())["model"]
+    return LlamaTokenizer(vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]])
+
+
+def t5_sentencepiece():
+    """T5's tokenizer as transformers builds it (SentencePiece unigram, "▁" before every word)."""
+    words = {w for line in CAPITAL_CORPUS for w in line.split()}
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -3.0) for w in sorted(words)] + [(c, -5.0) for c in sorted(set("".join(words)))]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def answer_labels(batch):
+    """The label ids of the batch's first row (its answer tokens)."""
+    labels = batch.labels[0]
+    return labels[labels != -100].tolist()
+
+
+def test_answer_labels_continue_the_prompt_on_byte_level_bpe():
+    """A byte-level BPE writes the space in front of a word into the word's token: after the plain
+    prompt "...\nAnswer:" the answer is " Paris" (one Ġ token, as prompt + " " + answer tokenises),
+    not "Paris" tokenised alone (an unnatural continuation every objective would score). Greedy
+    decoding that produces it still matches the gold answer."""
+    tokenizer = byte_level_bpe()
+    data = DataConfig(n_candidates=1, doc_max_tokens=16)
+    fmt, _ = decoder_input_format(tokenizer, data)
+    batch = Collator(data, tokenizer, None, 64, input_format=fmt)([CAPITAL], [0])
+    prompt_text = data.prompt_template.format(question=CAPITAL["question"])
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(prompt_text + " Paris", add_special_tokens=False)["input_ids"]
+    assert joint[: len(prompt)] == prompt
+    assert tokenizer.convert_ids_to_tokens(answer_labels(batch)) == ["ĠParis"]
+    assert answer_labels(batch) == joint[len(prompt) :]
+    assert batch.input_ids[0][batch.attention_mask[0].bool()].tolist() == joint
+    prediction = clean_prediction(tokenizer.decode(answer_labels(batch) + [tokenizer.convert_tokens_to_ids("Ċ")]))
+    assert prediction == "Paris" and substring_exact_match(prediction, CAPITAL["answers"]) == 1.0
+
+
+@pytest.mark.parametrize("case", ["llama2-cepe", "t5-fid", "byte-level-chat", "byte-level-prompt-ends-in-space"])
+def test_answer_labels_keep_the_tokens_that_were_already_right(case):
+    """Where the answer tokenised alone already continued the prompt, the labels stay those tokens:
+    SentencePiece gives "▁Paris" alone and after "Answer:" (CEPE's Llama-2), FiD's decoder has no
+    prompt, and a chat template's assistant turn starts on a new line. A prompt ending in a space
+    that a byte-level BPE would merge into the answer keeps its own tokens (generation starts from
+    them), so the answer is tokenised alone after them and the row still reads prompt + answer."""
+    data = DataConfig(n_candidates=1, doc_max_tokens=16)
+    if case == "llama2-cepe":
+        tokenizer, fmt, expected = llama2_sentencepiece(), None, ["▁Paris"]
+    elif case == "t5-fid":
+        tokenizer, expected = t5_sentencepiece(), ["▁Paris"]
+        fmt = InputFormat("question: {question} title: {title} context: {text}", "", prompt_bos=False)
+    elif case == "byte-level-chat":
+        tokenizer, expected = byte_level_bpe(), ["Paris"]
+        data = DataConfig(n_candidates=1, doc_max_tokens=16, chat_template=True)
+        fmt, _ = decoder_input_format(tokenizer, data)
+        assert fmt.prompt_template.endswith("<|im_start|>assistant\n")
+    else:
+        tokenizer, expected = byte_level_bpe(), ["Paris"]
+        fmt = InputFormat(data.doc_template, "Question: {question}\nAnswer: ", prompt_bos=False)
+    batch = Collator(data, tokenizer, None, 64, input_format=fmt)([CAPITAL], [0])
+    labels = answer_labels(batch)
+    assert tokenizer.convert_ids_to_tokens(labels) == expected
+    assert labels == tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    if case == "byte-level-prompt-ends-in-space":
+        row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+        assert tokenizer.decode(row).endswith("\nAnswer: Paris")

@@ -13,11 +13,19 @@ from safetensors.torch import save_file
 from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-from grerank_dist.config import load_config
+from grerank_dist.config import DataConfig, load_config
+from grerank_dist.data import Collator
 from grerank_dist.generator import ParallelContextGenerator
 from grerank_dist.models import load_generator
-from grerank_dist.models.fid import FID_FORMAT, FidForConditionalGeneration, check_fid_weights, load_fid, tiny_fid_config
-from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.models.fid import (
+    FID_FORMAT,
+    FidForConditionalGeneration,
+    check_fid_weights,
+    load_fid,
+    random_tiny_fid,
+    tiny_fid_config,
+)
+from grerank_dist.tokenization import build_word_tokenizer, split_words
 
 NEG_INF = float("-inf")
 VOCAB = 40
@@ -166,6 +174,48 @@ def test_m_masks_batched_equal_one_by_one(model):
         torch.testing.assert_close(mass[:, j], model.document_attention_mass(contexts, ids, mask, labels, masks[:, j]))
 
 
+def test_m_masks_share_one_projection_of_the_encoder_states(model):
+    """Every decoder layer projects the cross-attention keys and values of the B queries once
+    ([B, n*L, d] into k and v, not B*m rows) and the m masks of a query read them; answer
+    log-probabilities, their mask gradient, attention mass and cached generation equal m
+    separate calls."""
+    batch, n_masks, n_docs = 2, 5, 3
+    enc, enc_mask = docs(batch, n_docs)
+    ids, mask, labels = answers(batch)
+    contexts = model.encode_contexts(enc, enc_mask)
+    masks = -2 * torch.rand(batch, n_masks, n_docs, generator=torch.Generator().manual_seed(3))
+    masks[0, 1, :2] = NEG_INF
+    masks[1, 3, 1:] = NEG_INF
+    masks.requires_grad_(True)
+    projected: list[tuple[int, ...]] = []
+    hooks = [
+        projection.register_forward_hook(lambda module, args, out: projected.append(tuple(args[0].shape)))
+        for block in model.decoder.block
+        for projection in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v)
+    ]
+    try:
+        batched = model.answer_logprobs(contexts, ids, mask, labels, masks)
+        batched.token_logprobs.sum().backward()
+        mass = model.document_attention_mass(contexts, ids, mask, labels, masks)
+        generated = model.generate(contexts, ids[:, :0], mask[:, :0], masks.detach(), 5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(projected) == {tuple(contexts.states[0].shape)}, projected
+    assert len(projected) == 3 * 2 * len(model.decoder.block)  # generation projects once, then reads its cache
+    for j in range(n_masks):
+        one_mask = masks.detach()[:, j].clone().requires_grad_(True)
+        one = model.answer_logprobs(contexts, ids, mask, labels, one_mask)
+        one.token_logprobs.sum().backward()
+        torch.testing.assert_close(batched.token_logprobs[:, j], one.token_logprobs, atol=1e-6, rtol=0)
+        torch.testing.assert_close(masks.grad[:, j], one_mask.grad, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            mass[:, j], model.document_attention_mass(contexts, ids, mask, labels, one_mask.detach()), atol=1e-6, rtol=0
+        )
+        single = model.generate(contexts, ids[:, :0], mask[:, :0], one_mask.detach(), 5)
+        assert torch.equal(generated[:, j, : single.shape[1]], single)
+
+
 def test_document_attention_mass_against_eager_attention_probabilities(model):
     """The mass is transformers' own eager T5 cross-attention probabilities (recorded with
     output_attentions), summed per candidate, averaged over heads, layers and answer positions."""
@@ -195,9 +245,21 @@ def test_document_attention_mass_against_eager_attention_probabilities(model):
     assert not torch.allclose(weighted, got)
 
 
-def write_checkpoint(model: FidForConditionalGeneration, target: Path, layout: str, fmt: str = "safetensors") -> Path:
+def word_tokenizer(size: int):
+    """A T5-style word-level tokenizer of exactly ``size`` tokens (its 3 special tokens included)."""
+    return build_word_tokenizer([" ".join(f"w{i}" for i in range(size - 3))], "seq2seq")
+
+
+def write_checkpoint(
+    model: FidForConditionalGeneration,
+    target: Path,
+    layout: str,
+    fmt: str = "safetensors",
+    tokenizer_size: int | None = VOCAB,
+) -> Path:
     """``model``'s weights in the plain T5 layout or the public FiD code's (encoder wrappers),
-    the way each writes them (FiD: a torch.save'd pytorch_model.bin with all tied copies)."""
+    the way each writes them (FiD: a torch.save'd pytorch_model.bin with all tied copies), with a
+    tokenizer of ``tokenizer_size`` tokens (None: no tokenizer files, as the FiD code saves)."""
     target.mkdir(parents=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if layout == "fid":
@@ -219,7 +281,8 @@ def write_checkpoint(model: FidForConditionalGeneration, target: Path, layout: s
         torch.save(state, target / "pytorch_model.bin")
     config = model.config.to_dict()
     (target / "config.json").write_text(json.dumps(config))
-    build_word_tokenizer(["a b c"], "seq2seq").save_pretrained(target)
+    if tokenizer_size is not None:
+        word_tokenizer(tokenizer_size).save_pretrained(target)
     return target
 
 
@@ -260,6 +323,57 @@ def test_loading_is_strict_and_errors_name_the_key(model, tmp_path):
         load_generator(str(directory))
 
 
+def test_a_directory_without_the_matching_tokenizer_is_refused(model, tmp_path):
+    """The public FiD code saves no tokenizer; transformers would then hand back a default
+    T5Tokenizer of about 100 tokens (every word <unk> for a 32k vocabulary). No tokenizer, or
+    one much smaller than the model's vocabulary, is an error naming the directory and the files
+    to copy in."""
+    bare = write_checkpoint(model, tmp_path / "bare", "fid", fmt="bin", tokenizer_size=None)
+    small = write_checkpoint(model, tmp_path / "small", "t5", tokenizer_size=VOCAB // 2)
+    too_small = f"tokenizer has {VOCAB // 2} tokens for vocab_size {VOCAB}"
+    for directory, problem in ((bare, "holds no tokenizer"), (small, too_small)):
+        with pytest.raises(ValueError, match=problem) as raised:
+            load_generator(str(directory))
+        message = str(raised.value)
+        assert message.startswith(f"{directory}:") and "spiece.model" in message and "tokenizer_config.json" in message
+    # T5's own tokenizer is 28 tokens short of its vocab_size (32100 of 32128): still accepted
+    _, tokenizer = load_generator(str(write_checkpoint(model, tmp_path / "t5", "t5", tokenizer_size=VOCAB - 3)))
+    assert len(tokenizer) == VOCAB - 3
+
+
+def test_fid_reads_its_own_templates_unless_the_data_config_sets_them(tmp_path):
+    """Templates left at the data config's defaults (the CEPE layout, no question in the
+    documents) give way to FiD's own, so the question reaches FiD's encoder in every document;
+    a template the config sets is honoured, with a warning if no template holds the question.
+    CEPE and decoder-only generators keep the data config's templates."""
+    from toy import toy_records
+
+    records = toy_records(1, 3, seed=4)
+    texts = [records[0]["question"], *records[0]["answers"], *(f"{c['title']} {c['text']}" for c in records[0]["ctxs"])]
+    fid_model, fid_tokenizer = random_tiny_fid([*texts, FID_FORMAT.doc_template.format(question="", title="", text="")])
+    fid_model.save_pretrained(tmp_path / "fid")
+    fid_tokenizer.save_pretrained(tmp_path / "fid")
+    for path in ("random:tiny-fid", str(tmp_path / "fid")):
+        model, tokenizer = load_generator(path, texts, data=DataConfig())
+        fmt = model.input_format
+        assert (fmt.doc_template, fmt.prompt_template) == ("question: {question} title: {title} context: {text}", "")
+        batch = Collator(DataConfig(), tokenizer, None, 0, input_format=model.input_format)(records, [0])
+        for ctx, ids, keep in zip(records[0]["ctxs"], batch.encoder_input_ids[0], batch.encoder_attention_mask[0]):
+            encoded = split_words(tokenizer.decode(ids[keep.bool()]))
+            assert encoded == split_words(f"question: {records[0]['question']} title: {ctx['title']} context: {ctx['text']}")
+        explicit = DataConfig(doc_template="{title} {text} {question}")
+        assert load_generator(path, texts, data=explicit)[0].input_format.doc_template == explicit.doc_template
+        explicit = DataConfig(doc_template="{text}", prompt_template="question: {question}")
+        fmt = load_generator(path, texts, data=explicit)[0].input_format
+        assert (fmt.doc_template, fmt.prompt_template) == ("{text}", "question: {question}")
+        with pytest.warns(UserWarning, match=r"no \{question\}"):
+            load_generator(path, texts, data=DataConfig(doc_template="{title} {text}"))
+    for path in ("random:tiny", "random:tiny-llama"):
+        fmt = load_generator(path, texts, data=DataConfig())[0].input_format
+        assert (fmt.doc_template, fmt.prompt_template) == (DataConfig().doc_template, DataConfig().prompt_template)
+
+
+@pytest.mark.distributed
 def test_grerank_train_runs_two_process_zero3_with_fid(tmp_path):
     """`configs/tiny_fid_cpu.yaml` (generator.path random:tiny-fid, FiD's input format), torchrun
     with 2 ranks under ZeRO-3: ranks stay identical, the generator partitioned and unchanged,
@@ -295,8 +409,6 @@ def test_grerank_eval_generator_setting_runs_with_a_fid_checkpoint(tmp_path):
     from test_train import ROOT, check, run_cli
     from toy import toy_records, write_jsonl
 
-    from grerank_dist.data import Collator
-    from grerank_dist.models.fid import random_tiny_fid
     from grerank_dist.train import record_texts
 
     config_file = ROOT / "configs" / "tiny_fid_cpu.yaml"

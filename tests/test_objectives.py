@@ -119,7 +119,9 @@ class _EncodingGenerator:
 
     def answer_logprobs(self, contexts, input_ids, attention_mask, labels, log_mask):
         assert contexts == "contexts"
-        nll = -log_mask.logsumexp(-1).mean()
+        # The first document's mask weight: a relaxed top-k mask's total is k whatever the
+        # scores, so a loss of the whole mask's mass would have no gradient at all.
+        nll = -log_mask[..., 0].mean()
         return type("Answer", (), {"token_mean_nll": lambda self: nll})()
 
 
@@ -255,12 +257,42 @@ def test_loop_target_is_the_rise_of_the_per_token_nll_without_each_candidate() -
     assert abs(out.stats["nll_rise_max"].item() - 0.8) < 1e-6
 
 
+class _AttentionGenerator:
+    """``document_attention_mass`` returns ``weighted[b]`` (the pooled alpha * ||v|| scores)
+    when asked for value norms and ``attention[b]`` (the pooled alpha alone) otherwise."""
+
+    def __init__(self, attention: list[list[float]], weighted: list[list[float]]) -> None:
+        self.attention, self.weighted, self.value_norms_asked = attention, weighted, []
+
+    def document_attention_mass(self, contexts, input_ids, attention_mask, labels, doc_log_mask, value_norm=False):
+        self.value_norms_asked.append(value_norm)
+        return torch.tensor(self.weighted if value_norm else self.attention)
+
+
+def test_adist_by_default_is_atlas_kl_from_the_softmax_of_attention_times_value_norm() -> None:
+    """Atlas (Izacard et al. 2022, Sec. 2.2): p_ATTN = softmax of the pooled alpha * ||v|| scores
+    as they are (no log, no T_g), loss KL(p_ATTN || softmax(scores / T_s)); by hand with the
+    default config (T_g = 0.1 must not touch it, T_s = 1)."""
+    generator = _AttentionGenerator(attention=[[0.5, 0.3, 0.2]], weighted=[[math.log(3.0), 0.0, 0.0]])
+    scores = torch.tensor([[0.0, 0.0, math.log(2.0)]], requires_grad=True)
+    out = OBJECTIVES["adist"](generator, None, _stub_batch([[True] * 3]), scores, RelaxConfig(k=1, tau=1.0), None,
+                              ObjectiveConfig())
+    # target: e^{ln 3} : e^0 : e^0 = 3/5, 1/5, 1/5; reranker: 1 : 1 : 2 = 1/4, 1/4, 1/2
+    kl = 0.6 * math.log(0.6 / 0.25) + 0.2 * math.log(0.2 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    assert abs(kl - 0.2973944) < 1e-6
+    assert abs(out.loss.item() - kl) < 1e-6
+    assert abs(out.stats["target_max"].item() - 0.6) < 1e-6
+    assert generator.value_norms_asked == [True]
+    out.loss.backward()
+    _check_grad(scores.grad, [[0.25 - 0.6, 0.25 - 0.2, 0.5 - 0.2]])  # (p_R - p_ATTN) / T_s
+
+
 @pytest.mark.parametrize("value_norm", [False, True])
-def test_adist_distils_the_attention_fraction_of_every_real_candidate(value_norm: bool) -> None:
+def test_adist_log_mass_variant_distils_the_attention_fraction_of_every_real_candidate(value_norm: bool) -> None:
     s, mass = [0.1, 0.7, -0.4], [0.6, 0.1, 0.3]
     scores = torch.tensor([s], requires_grad=True)
     generator = _TableGenerator([{}], [mass])
-    settings = ObjectiveConfig(target_temperature=1.0, adist_value_norm=value_norm)
+    settings = ObjectiveConfig(target_temperature=1.0, adist_target="log_mass", adist_value_norm=value_norm)
     out = OBJECTIVES["adist"](generator, None, _stub_batch([[True] * 3]), scores, RelaxConfig(k=1, tau=1.0), None, settings)
     kl, grad = _kl_reference([math.log(m) for m in mass], s, 1.0, 1.0, "target_to_scores")  # target = mass itself
     assert abs(out.loss.item() - kl) < 1e-6
@@ -338,6 +370,7 @@ def test_nogumbel_is_grerank_without_noise() -> None:
         ("objective.target_temperature=0", r"objective\.target_temperature: must be > 0"),
         ("objective.score_temperature=-1", r"objective\.score_temperature: must be > 0"),
         ("objective.dro_samples=0", r"objective\.dro_samples: must be an integer >= 1"),
+        ("objective.adist_target=softmax", r"objective\.adist_target: must be one of \('atlas', 'log_mass'\)"),
         ("objective.temperature=1", r"objective: unknown key\(s\) \['temperature'\]"),
     ],
 )
@@ -361,3 +394,16 @@ def test_dro_with_fewer_real_candidates_than_k_leaves_padding_out_and_stays_fini
     firsts = plackett_luce_sample(torch.tensor([[0.2, -0.4, -1.0e9]]), 3, 2, torch.Generator().manual_seed(0))[0, :, 0]
     prior = _softmax([0.2, -0.4])
     assert abs(out.loss.item() + sum(math.log(prior[i]) for i in firsts.tolist()) / 2) < 1e-6
+
+
+def test_adist_defaults_to_atlas_with_value_norms_and_old_objective_sections_still_load(tmp_path) -> None:
+    from grerank_dist.config import load_config
+
+    default = load_config(None, ["data.n_candidates=4", "relax.k=2", "train.objective=adist"]).objective
+    assert (default.adist_target, default.adist_value_norm) == ("atlas", True)
+    old = tmp_path / "old.yaml"  # written before adist_target existed: the earlier target, named
+    old.write_text("data: {n_candidates: 4}\nrelax: {k: 2}\ntrain: {objective: adist}\n"
+                   "objective: {target_temperature: 1.0, adist_value_norm: false}\n")
+    assert load_config(old).objective.adist_target == "atlas"  # loads as it is, with the new default
+    loaded = load_config(old, ["objective.adist_target=log_mass"]).objective
+    assert (loaded.adist_target, loaded.adist_value_norm, loaded.target_temperature) == ("log_mass", False, 1.0)

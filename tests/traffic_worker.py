@@ -7,7 +7,7 @@ import sys
 import torch
 
 from grerank_dist.config import load_config
-from grerank_dist.strategy import DeepSpeedStrategy
+from grerank_dist.strategy import DeepSpeedStrategy, shutdown_distributed
 from grerank_dist.traffic import logged_collectives
 
 
@@ -22,6 +22,7 @@ def main() -> None:
     counts = logged_collectives()
     with open(f"{sys.argv[1]}.rank{strategy.rank}", "w") as handle:
         json.dump({"counts": counts, "gathered": gathered.tolist()}, handle)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

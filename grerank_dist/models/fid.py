@@ -26,6 +26,8 @@ import functools
 import json
 import os
 import re
+import string
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from grerank_dist.attention import BACKENDS, masked_attention
+from grerank_dist.config import DataConfig
 from grerank_dist.generator import (
     AnswerLogProbs,
     EncodedContexts,
@@ -78,6 +81,11 @@ _FID_KEY_MAPPING = {
 }
 # Written by old transformers releases, never read by T5 (cross-attention has no position bias).
 _IGNORED_KEYS = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+# A T5 tokenizer's vocabulary lives in one of these (tokenizer_config.json only configures it).
+_VOCABULARY_FILES = ("spiece.model", "tokenizer.json")
+# T5's tokenizer has 32100 tokens for vocab_size 32128 (mT5's 250100 for 250112): the rows past it
+# are padding of the embedding. A tokenizer far smaller than the vocabulary is another model's.
+_MIN_TOKENIZER_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -113,8 +121,11 @@ def _fid_attention(
 ) -> tuple[torch.Tensor, None]:
     """T5 attention for the FiD decoder: self-attention is T5's SDPA path; cross-attention adds
     the per-key bias (``attention_mask`` [R, 1, 1, N], float) through ``masked_attention``, or,
-    with ``attention_record``, through an eager softmax whose probabilities (and the value
-    norms) are appended to that list."""
+    with ``attention_record``, through an eager softmax whose probabilities [R, H, Q, N] (and the
+    value norms [R, H, N]) are appended to that list.
+
+    Cross-attention keys and values may have B = R/m rows (one per query, projected once): the
+    m consecutive query rows of a query's masks read that one copy, broadcast, never repeated."""
     if module.is_causal:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=position_bias
@@ -125,10 +136,14 @@ def _fid_attention(
         out = masked_attention(query, key, value, key_bias, backend=cross_attn_backend, scale=scaling, check_bias=False)
         return out.transpose(1, 2), None
     compute = torch.promote_types(query.dtype, torch.float32)
-    logits = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scaling
+    queries = query.to(compute).unflatten(0, (key.shape[0], -1))  # [B, m, H, Q, D]
+    keys, values = key.to(compute)[:, None], value.to(compute)[:, None]  # [B, 1, H, N, D]
+    logits = torch.matmul(queries, keys.transpose(-1, -2)).flatten(0, 1) * scaling
     probs = torch.softmax(logits + key_bias.to(compute)[:, None, None, :], dim=-1)
-    attention_record.append((probs, value.to(compute).norm(dim=-1)))
-    return torch.matmul(probs, value.to(compute)).to(query.dtype).transpose(1, 2), None
+    norms = values.norm(dim=-1).expand(-1, queries.shape[1], -1, -1).flatten(0, 1)
+    attention_record.append((probs, norms))
+    out = torch.matmul(probs.unflatten(0, queries.shape[:2]), values).flatten(0, 1)
+    return out.to(query.dtype).transpose(1, 2), None
 
 
 AttentionInterface.register(_ATTENTION_NAME, _fid_attention)
@@ -139,7 +154,8 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
 
     Frozen after construction and loading. ``config.cross_attn_backend`` ("auto" or one of
     :data:`grerank_dist.attention.BACKENDS`) picks the kernel of the masked cross-attention at
-    every call. Several masks per query ([B, m, n]) run B*m decoder rows over one encoding.
+    every call. Several masks per query ([B, m, n]) run B*m decoder rows over one encoding,
+    whose cross-attention keys and values every layer projects once per query, not per row.
     """
 
     def __init__(self, config: T5Config) -> None:
@@ -207,11 +223,12 @@ class FidForConditionalGeneration(T5ForConditionalGeneration):
         attention_record: list | None = None,
     ) -> torch.Tensor:
         """Final decoder states [R, Q, H] of the Q newest tokens (``decoder_mask`` [R, K] covers
-        the cached ones too), scaled as T5 scales them before ``lm_head``."""
-        rows, query_len = decoder_ids.shape
+        the cached ones too), scaled as T5 scales them before ``lm_head``.
+
+        The R = B*m rows cross-attend to the B queries' encoder states [B, N, H] as they are:
+        T5's projections of them are per query, which the m rows of its masks share."""
+        query_len = decoder_ids.shape[1]
         states = contexts.states[0]
-        if rows != states.shape[0]:
-            states = states.repeat_interleave(rows // states.shape[0], dim=0)
         hidden = self.decoder.embed_tokens(decoder_ids)
         self_mask = _causal_padding_mask(decoder_mask, query_len, hidden.dtype)
         cross_mask = key_bias[:, None, None, :]
@@ -446,27 +463,48 @@ def check_fid_weights(model_dir: str | os.PathLike, config: T5Config) -> str:
     return layout
 
 
+def _checked_tokenizer(model_dir: Path, vocab_size: int) -> Any:
+    """The tokenizer saved in ``model_dir``, refused when it is missing or much smaller than the
+    model's vocabulary. The public FiD code saves none with its model, and transformers then
+    returns a default T5Tokenizer of about 100 tokens that turns every word into ``<unk>``:
+    training and evaluation would run on it without an error."""
+    from transformers import AutoTokenizer
+
+    present = [name for name in _VOCABULARY_FILES if (model_dir / name).is_file()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False) if present else None
+    if tokenizer is None:
+        problem = f"holds no tokenizer (no {' or '.join(_VOCABULARY_FILES)})"
+    elif len(tokenizer) < _MIN_TOKENIZER_FRACTION * vocab_size:
+        problem = f"its tokenizer has {len(tokenizer)} tokens for vocab_size {vocab_size} (from {', '.join(present)})"
+    else:
+        return tokenizer
+    raise ValueError(
+        f"{model_dir}: {problem}. The public FiD code saves no tokenizer with its model: copy the tokenizer "
+        f"files (spiece.model and/or tokenizer.json, and tokenizer_config.json) of the T5 checkpoint it was "
+        f"fine-tuned from (t5-base or t5-large) into {model_dir}"
+    )
+
+
 def load_fid(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[FidForConditionalGeneration, Any]:
     """A frozen FiD generator and its tokenizer from a LOCAL directory: a plain T5 /
     T5ForConditionalGeneration checkpoint or one saved by the public FiD code.
 
-    Weights are checked strictly first, then loaded by transformers (safetensors, or ``.bin``
-    with ``weights_only``; ZeRO-3 partitioned loading under an active ``HfDeepSpeedConfig``).
+    Weights and the tokenizer are checked strictly first, then the weights loaded by
+    transformers (safetensors, or ``.bin`` with ``weights_only``; ZeRO-3 partitioned loading
+    under an active ``HfDeepSpeedConfig``).
     """
-    from transformers import AutoTokenizer
-
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: not a local model directory (loading from a hub is disabled)")
     config = load_t5_config(model_dir / "config.json")
     layout = check_fid_weights(model_dir, config)
+    tokenizer = _checked_tokenizer(model_dir, config.vocab_size)
     key_mapping = _FID_KEY_MAPPING if layout == "fid" else None
     model = FidForConditionalGeneration.from_pretrained(
         model_dir, config=config, dtype=dtype, key_mapping=key_mapping, local_files_only=True
     )
     model.requires_grad_(False)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -492,17 +530,39 @@ def random_tiny_fid(
 # the family (grerank_dist.models dispatches to it)
 
 
+def _holds_question(template: str) -> bool:
+    """Whether ``template`` fills a ``{question}`` field (FiD's question reaches it only so)."""
+    return any(name == "question" for _, name, _, _ in string.Formatter().parse(template))
+
+
 def _fid_format(data: Any) -> InputFormat:
-    """The run's templates (FiD's are :data:`FID_FORMAT`'s); no BOS: the decoder starts from
+    """FiD's templates (:data:`FID_FORMAT`) wherever ``data`` leaves its own at the data config's
+    defaults: those are CEPE's layout, whose documents lack the question that FiD's encoder must
+    read. A template set to anything else is an override on purpose and is used, with a warning
+    when no template holds the question. No BOS: the decoder starts from
     ``decoder_start_token_id``, which the model prepends itself."""
+    defaults = DataConfig()
+    doc_template, prompt_template = (
+        getattr(FID_FORMAT, name) if getattr(data, name) == getattr(defaults, name) else getattr(data, name)
+        for name in ("doc_template", "prompt_template")
+    )
+    if not (_holds_question(doc_template) or _holds_question(prompt_template)):
+        warnings.warn(
+            f"FiD generator: data.doc_template {doc_template!r} and data.prompt_template {prompt_template!r} hold "
+            f"no {{question}}: the generator never reads the question (FiD's own: {FID_FORMAT.doc_template!r})",
+            stacklevel=2,
+        )
     return InputFormat(
-        doc_template=data.doc_template, prompt_template=data.prompt_template, prompt_bos=False, docs_pad_to_batch=True
+        doc_template=doc_template, prompt_template=prompt_template, prompt_bos=False, docs_pad_to_batch=True
     )
 
 
 def _build_random(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch.dtype, data: Any) -> tuple[FidForConditionalGeneration, Any]:
-    model, tokenizer = random_tiny_fid(vocab_texts, seed=seed, dtype=dtype)
-    model.input_format = _fid_format(data)
+    fmt = _fid_format(data)
+    # the templates' own words ("question:", "context:") need not be in the run's vocab_texts
+    template_words = [t.format(question="", title="", text="") for t in (fmt.doc_template, fmt.prompt_template)]
+    model, tokenizer = random_tiny_fid([*vocab_texts, *template_words], seed=seed, dtype=dtype)
+    model.input_format = fmt
     return model, tokenizer
 
 
