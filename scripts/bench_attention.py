@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from grerank_dist.attention import available_backends, masked_attention
+from grerank_dist.method.attention import available_backends, masked_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

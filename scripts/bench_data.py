@@ -7,7 +7,7 @@ passages; generated once under --out), then, for 1 and 2 ranks (torch.distribute
 times each rank from after its imports to its first micro-batch and reads its memory:
 
 - old: ``read_records`` into Python dicts on every rank, then the tokenising ``Collator``;
-- arrow-cold: ``grerank_dist.dataset`` with an empty cache (rank 0 reads and tokenises the file,
+- arrow-cold: ``grerank_dist.data.dataset`` with an empty cache (rank 0 reads and tokenises the file,
   ``data.tokenize_workers`` processes, the others wait), then the first padded batch;
 - arrow-warm: the same with the cache in place (a restart, a second run).
 
@@ -73,7 +73,7 @@ def tokenizers(data_file: str, kind: str):
         from transformers import AutoTokenizer
 
         return tuple(AutoTokenizer.from_pretrained(MODELS / name) for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"))
-    from grerank_dist.tokenization import build_word_tokenizer
+    from grerank_dist.models.tokenization import build_word_tokenizer
 
     with open(data_file) as handle:  # the first records cover the synthetic vocabulary
         texts = [line for _, line in zip(range(200), handle)]
@@ -101,8 +101,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from grerank_dist.config import DataConfig
-    from grerank_dist.data import Collator, MicroBatchSchedule, read_records
-    from grerank_dist.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens
+    from grerank_dist.data.collate import Collator, MicroBatchSchedule
+    from grerank_dist.data.records import read_records
+    from grerank_dist.data.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

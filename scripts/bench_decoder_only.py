@@ -22,7 +22,7 @@ from bench_generator import paired_median_seconds  # noqa: E402
 
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config  # noqa: E402
 from grerank_dist.models.decoder_only import DecoderOnlyGenerator, tiny_config  # noqa: E402
-from grerank_dist.generator import InputFormat  # noqa: E402
+from grerank_dist.interface import InputFormat  # noqa: E402
 
 
 def main() -> None:

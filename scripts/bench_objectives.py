@@ -23,11 +23,11 @@ from types import SimpleNamespace
 
 import torch
 
-from grerank_dist import objectives
+from grerank_dist.method import objectives
 from grerank_dist.config import ObjectiveConfig, RelaxConfig
-from grerank_dist.generator import AnswerLogProbs
+from grerank_dist.interface import AnswerLogProbs
 from grerank_dist.models.cepe import CepeCrossAttention, CepeForCausalContextLM, tiny_cepe_config
-from grerank_dist.objectives import OBJECTIVES
+from grerank_dist.method.objectives import OBJECTIVES
 
 
 def repeated_keys(forward: Callable) -> Callable:

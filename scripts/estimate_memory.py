@@ -18,7 +18,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-from grerank_dist.cost_model import BF16, FP32, GB, LLAMA_8B, cepe_rows, count_params, decoder_only_rows
+from grerank_dist.perf.cost_model import BF16, FP32, GB, LLAMA_8B, cepe_rows, count_params, decoder_only_rows
 from grerank_dist.models.cepe import CepeForCausalContextLM, cepe_7b_config
 
 def main() -> None:

@@ -6,7 +6,7 @@ For CEPE-Llama2-7B and an 8B decoder-only LLM (Llama-3.1-8B shapes, parallel-con
 with a BGE-reranker-base (XLM-R base) reranker, and each generator placement: ZeRO-3 over all
 GPUs, ZeRO-3 with hpZ inside a node (zero_hpz_partition_size 8), a replicated generator (stage 0),
 and ZeRO-3 with its partitions offloaded to CPU. Parameter counts come from the model classes on
-the meta device; FLOPs, all-gather bytes and memory from grerank_dist.cost_model (the same code
+the meta device; FLOPs, all-gather bytes and memory from grerank_dist.perf.cost_model (the same code
 whose small-shape predictions `grerank bench --world-size 2` checks against counted collectives);
 bandwidths and utilisation are the stated assumptions of ``cost_model.Cluster``.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, XLMRobertaConfig
 
-from grerank_dist import cost_model as cm
+from grerank_dist.perf import cost_model as cm
 from grerank_dist.models.cepe import CepeForCausalContextLM, cepe_7b_config
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"

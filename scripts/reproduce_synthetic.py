@@ -35,10 +35,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grerank_dist.demo import reader_table_markdown  # noqa: E402
-from grerank_dist.metrics import metrics_table_markdown  # noqa: E402
-from grerank_dist.reader import READER_GENERATORS  # noqa: E402
-from grerank_dist.tracking import read_metrics  # noqa: E402
+from grerank_dist.demos.demo import reader_table_markdown  # noqa: E402
+from grerank_dist.method.metrics import metrics_table_markdown  # noqa: E402
+from grerank_dist.demos.reader import READER_GENERATORS  # noqa: E402
+from grerank_dist.training.tracking import read_metrics  # noqa: E402
 
 # method -> extra demo overrides; the first trains the reader the others reuse. ADist's target is
 # a log attention fraction, distilled at T_g = 1 (docs/OBJECTIVES.md), the others keep the defaults.

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grerank_dist.fetch import model_dir
-from grerank_dist.metrics import substring_exact_match
-from grerank_dist.reading import generate_reading_records
+from grerank_dist.models.fetch import model_dir
+from grerank_dist.method.metrics import substring_exact_match
+from grerank_dist.demos.reading import generate_reading_records
 
 INSTRUCTION = "Answer the question with a few words, using the passages."
 

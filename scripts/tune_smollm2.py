@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grerank_dist.demo_smollm2 import FULL, prepare_run  # noqa: E402
-from grerank_dist.evaluate import evaluate  # noqa: E402
-from grerank_dist.tracking import read_metrics  # noqa: E402
-from grerank_dist.train import train  # noqa: E402
+from grerank_dist.demos.demo_smollm2 import FULL, prepare_run  # noqa: E402
+from grerank_dist.evaluation.evaluate import evaluate  # noqa: E402
+from grerank_dist.training.tracking import read_metrics  # noqa: E402
+from grerank_dist.training.train import train  # noqa: E402
 
 
 KEYS = ("recall@1", "recall@3", "mrr")

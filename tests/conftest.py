@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Training runs cache their Arrow data here, not in ~/.cache (grerank_dist/dataset.py).
+# Training runs cache their Arrow data here, not in ~/.cache (grerank_dist/data/dataset.py).
 if "GRERANK_DATA_DIR" not in os.environ:
     os.environ["GRERANK_DATA_DIR"] = tempfile.mkdtemp(prefix="grerank-test-data-")
     atexit.register(shutil.rmtree, os.environ["GRERANK_DATA_DIR"], True)

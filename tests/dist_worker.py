@@ -11,12 +11,13 @@ import sys
 import deepspeed
 import torch
 
-from grerank_dist import objectives
+from grerank_dist.method import objectives
 from grerank_dist.config import load_config
 from grerank_dist.models import load_generator
-from grerank_dist.train import record_texts, train
-from grerank_dist.data import Collator, read_records
-from grerank_dist.strategy import shutdown_distributed
+from grerank_dist.training.train import record_texts, train
+from grerank_dist.data.collate import Collator
+from grerank_dist.data.records import read_records
+from grerank_dist.training.strategy import shutdown_distributed
 
 
 def state_hash(module: torch.nn.Module) -> str:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from grerank_dist.config import load_config
-from grerank_dist.evaluate import evaluate
-from grerank_dist.strategy import DeepSpeedStrategy, shutdown_distributed
+from grerank_dist.evaluation.evaluate import evaluate
+from grerank_dist.training.strategy import DeepSpeedStrategy, shutdown_distributed
 
 KS = (1, 3)
 BATCH_SIZE = 2

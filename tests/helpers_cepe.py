@@ -3,7 +3,7 @@
 ``reference_logits`` recomputes the whole CEPE forward from the raw state dict with its own
 RMSNorm, RoPE and attention, and applies the document mask the way the paper writes it
 (``M_i * exp(s) / sum_j M_j * exp(s)``, with ``M = exp(log_mask)``), not as an additive bias:
-it shares no code with :mod:`grerank_dist.models.cepe` or :mod:`grerank_dist.attention`.
+it shares no code with :mod:`grerank_dist.models.cepe` or :mod:`grerank_dist.method.attention`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from grerank_dist.models.cepe import CepeConfig, CepeForCausalContextLM, tiny_cepe_config
-from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.models.tokenization import build_word_tokenizer
 
 FIRST_WORD_ID = 4  # ids 0..3 are <unk>, <s>, </s>, <pad> (pad = 3 in tiny_cepe_config)
 _MASKED = -1.0e30  # finite "minus infinity" of the reference: weight exactly 0, never NaN

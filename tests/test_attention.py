@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from grerank_dist.attention import (
+from grerank_dist.method.attention import (
     FOLDED_MASK_VALUE,
     available_backends,
     expand_doc_bias,
     masked_attention,
 )
-from grerank_dist.relax import hard_topk_log_mask
+from grerank_dist.method.relax import hard_topk_log_mask
 
 CPU = torch.device("cpu")
 GRAD_BACKENDS = available_backends(CPU, torch.float32, requires_grad=True)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import grerank_dist.models.cepe as cepe_module
-from grerank_dist.attention import available_backends, masked_attention
+from grerank_dist.method.attention import available_backends, masked_attention
 from grerank_dist.config import ObjectiveConfig, RelaxConfig
-from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, single_document_masks
+from grerank_dist.method.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, single_document_masks
 from helpers_cepe import build_tiny_model, make_batch
 
 NEG_INF = float("-inf")

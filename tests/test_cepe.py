@@ -19,8 +19,8 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import grerank_dist.models.cepe as cepe_module
-from grerank_dist.attention import available_backends
-from grerank_dist.generator import ParallelContextGenerator
+from grerank_dist.method.attention import available_backends
+from grerank_dist.interface import ParallelContextGenerator
 from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import (
     CepeConfig,
@@ -731,7 +731,7 @@ ZERO3_WORKER = textwrap.dedent(
                          encoder_attention_mask=batch.encoder_attention_mask, doc_log_mask=log_mask).loss
     loss.backward()
     json.dump({"partitioned": partitioned, "loss": loss.item(), "grad": log_mask.grad.tolist()}, open(sys.argv[2], "w"))
-    from grerank_dist.strategy import shutdown_distributed
+    from grerank_dist.training.strategy import shutdown_distributed
     shutdown_distributed()
     """
 )

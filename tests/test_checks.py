@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grerank_dist.checks import deferred_checks, require
+from grerank_dist.method.checks import deferred_checks, require
 from grerank_dist.config import DataConfig, ObjectiveConfig, RelaxConfig
-from grerank_dist.data import Collator
-from grerank_dist.relax import noise_generator, relaxed_topk_gumbel
-from grerank_dist.reranker import reranker_scores, tiny_reranker
+from grerank_dist.data.collate import Collator
+from grerank_dist.method.relax import noise_generator, relaxed_topk_gumbel
+from grerank_dist.models.reranker import reranker_scores, tiny_reranker
 
 PACKAGE = str(Path(__file__).resolve().parents[1] / "grerank_dist")
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
@@ -85,7 +85,7 @@ def test_a_training_step_reads_no_tensor_values_on_the_host(family, objective, h
     deferred checks: the package's code never reads a tensor's values on the host (on a GPU each
     such read waits for every queued kernel). Boolean indexing inside torch is not seen here."""
     from grerank_dist.models import load_generator
-    from grerank_dist.objectives import OBJECTIVES
+    from grerank_dist.method.objectives import OBJECTIVES
 
     data = DataConfig(n_candidates=4, doc_max_tokens=8)
     records = [

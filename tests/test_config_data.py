@@ -8,13 +8,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast, T5Tokenizer
 
 from grerank_dist.config import ConfigError, DataConfig, load_config
-from grerank_dist.data import Collator, MicroBatchSchedule, RecordError, read_records, training_answer
-from grerank_dist.evaluate import clean_prediction
-from grerank_dist.generator import InputFormat
-from grerank_dist.metrics import substring_exact_match
+from grerank_dist.data.collate import Collator, MicroBatchSchedule
+from grerank_dist.data.records import RecordError, read_records, training_answer
+from grerank_dist.evaluation.evaluate import clean_prediction
+from grerank_dist.interface import InputFormat
+from grerank_dist.method.metrics import substring_exact_match
 from grerank_dist.models.decoder_only import decoder_input_format
-from grerank_dist.tokenization import build_word_tokenizer
-from grerank_dist.train import record_texts
+from grerank_dist.models.tokenization import build_word_tokenizer
+from grerank_dist.training.train import record_texts
 
 
 def write_yaml(tmp_path, text):

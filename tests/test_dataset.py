@@ -1,4 +1,4 @@
-"""Arrow training data (grerank_dist/dataset.py): the same batches as the in-memory Collator,
+"""Arrow training data (grerank_dist/data/dataset.py): the same batches as the in-memory Collator,
 built once and reused, the same record errors, one builder among ranks, resumable loaders."""
 
 import dataclasses
@@ -17,12 +17,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from grerank_dist import dataset as arrow_data
+from grerank_dist.data import dataset as arrow_data
 from grerank_dist.config import DataConfig
-from grerank_dist.data import Batch, Collator, MicroBatchSchedule, RecordError, read_records, reranker_pairs
-from grerank_dist.dataset import StepBatches, load_records, load_tokens, step_loader, tokenizer_identity
-from grerank_dist.generator import InputFormat
-from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.data.collate import Collator, MicroBatchSchedule, reranker_pairs
+from grerank_dist.data.records import RecordError, read_records
+from grerank_dist.interface import Batch
+from grerank_dist.data.dataset import StepBatches, load_records, load_tokens, step_loader, tokenizer_identity
+from grerank_dist.interface import InputFormat
+from grerank_dist.models.tokenization import build_word_tokenizer
 from toy import toy_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,9 +234,9 @@ def test_a_failed_build_leaves_no_cache_and_the_next_call_builds(tmp_path):
 TWO_RANKS = """
 import json, os, sys
 import torch.distributed as dist
-from grerank_dist import dataset
+from grerank_dist.data import dataset
 from grerank_dist.config import DataConfig
-from grerank_dist.data import RecordError
+from grerank_dist.data.records import RecordError
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

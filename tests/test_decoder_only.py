@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grerank_dist.config import DataConfig
-from grerank_dist.data import Collator
+from grerank_dist.data.collate import Collator
 from grerank_dist.models import load_generator
 from grerank_dist.models.decoder_only import DecoderOnlyGenerator, decoder_input_format
 
@@ -263,8 +263,8 @@ def test_eval_cli_generator_setting_with_a_decoder_only_directory(tmp_path) -> N
     from toy import toy_records, write_jsonl
 
     from grerank_dist.config import load_config
-    from grerank_dist.evaluate import clean_prediction, stop_token_ids
-    from grerank_dist.train import record_texts
+    from grerank_dist.evaluation.evaluate import clean_prediction, stop_token_ids
+    from grerank_dist.training.train import record_texts
 
     root = Path(__file__).resolve().parents[1]
     records = toy_records(4, 4, seed=5)

@@ -70,7 +70,7 @@ def test_reproduction_script_trains_every_method_from_one_reader_and_writes_the_
 def test_every_objective_gets_its_own_row_name():
     """The demo names the reranker it trains after the objective (the reproduction reads that row)."""
     from grerank_dist.config import load_config
-    from grerank_dist.demo import trained_method_name
+    from grerank_dist.demos.demo import trained_method_name
 
     cases = {(): "g-rerank", ("relax.noise=false",): "no-gumbel", ("train.objective=nogumbel",): "no-gumbel",
              ("train.objective=gold_labels",): "gold-labels", ("train.objective=emdr",): "emdr",
@@ -126,7 +126,7 @@ def test_reproduction_report_keeps_each_reader_family_in_its_own_section(tmp_pat
 
 
 def test_a_reused_reader_must_match_the_demo_generator(tmp_path):
-    from grerank_dist.demo import check_reader_family
+    from grerank_dist.demos.demo import check_reader_family
 
     (tmp_path / "reader_training.json").write_text(json.dumps({"reader": {"generator": "cepe"}}))
     check_reader_family(tmp_path, "cepe")

@@ -17,15 +17,15 @@ import torch
 
 from grerank_dist.cli import main as cli_main
 from grerank_dist.config import load_config
-from grerank_dist.data import Collator
-from grerank_dist.evaluate import ORACLE, RETRIEVER, evaluate, generate_topk, method_rankings, shard_batches
-from grerank_dist.evaluate import stop_token_ids, topk_log_mask
+from grerank_dist.data.collate import Collator
+from grerank_dist.evaluation.evaluate import ORACLE, RETRIEVER, evaluate, generate_topk, method_rankings, shard_batches
+from grerank_dist.evaluation.evaluate import stop_token_ids, topk_log_mask
 from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config
-from grerank_dist.relax import hard_topk_log_mask
-from grerank_dist.reranker import export_reranker, load_reranker, tiny_reranker
-from grerank_dist.tokenization import build_word_tokenizer
-from grerank_dist.train import record_texts
+from grerank_dist.method.relax import hard_topk_log_mask
+from grerank_dist.models.reranker import export_reranker, load_reranker, tiny_reranker
+from grerank_dist.models.tokenization import build_word_tokenizer
+from grerank_dist.training.train import record_texts
 from toy import toy_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from grerank_dist.config import DataConfig, load_config
-from grerank_dist.data import Collator
-from grerank_dist.generator import ParallelContextGenerator
+from grerank_dist.data.collate import Collator
+from grerank_dist.interface import ParallelContextGenerator
 from grerank_dist.models import load_generator
 from grerank_dist.models.fid import (
     FID_FORMAT,
@@ -25,7 +25,7 @@ from grerank_dist.models.fid import (
     random_tiny_fid,
     tiny_fid_config,
 )
-from grerank_dist.tokenization import build_word_tokenizer, split_words
+from grerank_dist.models.tokenization import build_word_tokenizer, split_words
 
 NEG_INF = float("-inf")
 VOCAB = 40
@@ -409,7 +409,7 @@ def test_grerank_eval_generator_setting_runs_with_a_fid_checkpoint(tmp_path):
     from test_train import ROOT, check, run_cli
     from toy import toy_records, write_jsonl
 
-    from grerank_dist.train import record_texts
+    from grerank_dist.training.train import record_texts
 
     config_file = ROOT / "configs" / "tiny_fid_cpu.yaml"
     records = toy_records(4, 6, seed=5)

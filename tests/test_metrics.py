@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from grerank_dist.metrics import (
+from grerank_dist.method.metrics import (
     PAPER_TABLE1_COLUMNS,
     PAPER_TABLE2_COLUMNS,
     RetrievalEvaluator,

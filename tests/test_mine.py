@@ -1,4 +1,4 @@
-"""`grerank mine` (grerank_dist.mine) under a decoder-only generator, and how it writes its outputs.
+"""`grerank mine` (grerank_dist.evaluation.mine) under a decoder-only generator, and how it writes its outputs.
 
 The mining test with the trained CEPE toy reader stays in tests/test_train.py (it shares that
 module's reader fixture).
@@ -16,12 +16,12 @@ import pytest
 import torch
 from toy import toy_records, write_jsonl
 
-import grerank_dist.mine as mine_module
+import grerank_dist.evaluation.mine as mine_module
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import Collator
-from grerank_dist.mine import mine, scalar_baselines
+from grerank_dist.data.collate import Collator
+from grerank_dist.evaluation.mine import mine, scalar_baselines
 from grerank_dist.models import load_generator
-from grerank_dist.train import record_texts
+from grerank_dist.training.train import record_texts
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 # A non-empty instruction: the decoder-only prefix (BOS + instruction) and the tokenizer's vocabulary

@@ -7,8 +7,8 @@ import torch
 from grerank_dist.config import RelaxConfig
 import pytest
 
-from grerank_dist.data import relevance_mask, retriever_score_matrix
-from grerank_dist.objectives import OBJECTIVES
+from grerank_dist.data.collate import relevance_mask, retriever_score_matrix
+from grerank_dist.method.objectives import OBJECTIVES
 
 
 class _Batch:
@@ -130,7 +130,7 @@ def test_training_step_runs_the_generator_only_for_objectives_that_read_it(objec
     from types import SimpleNamespace
 
     from grerank_dist.config import DataConfig, TrainConfig
-    from grerank_dist.train import training_step
+    from grerank_dist.training.train import training_step
 
     scores = torch.nn.Parameter(torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]]))
     reranker = lambda **inputs: SimpleNamespace(logits=scores.view(-1, 1))  # noqa: E731
@@ -150,8 +150,8 @@ def test_training_step_runs_the_generator_only_for_objectives_that_read_it(objec
 # LLM-supervised baselines against a stub generator: a fixed table of log p(a | q, subset)
 
 from grerank_dist.config import ObjectiveConfig  # noqa: E402
-from grerank_dist.generator import AnswerLogProbs  # noqa: E402
-from grerank_dist.objectives import plackett_luce_logprob, plackett_luce_sample  # noqa: E402
+from grerank_dist.interface import AnswerLogProbs  # noqa: E402
+from grerank_dist.method.objectives import plackett_luce_logprob, plackett_luce_sample  # noqa: E402
 
 # The answer has two tokens carrying 1/4 and 3/4 of log p(a | q, subset): sum = the table value,
 # mean = half of it, so a sequence-level and a per-token objective read different numbers.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grerank_dist.config import DataConfig
-from grerank_dist.data import Collator
+from grerank_dist.data.collate import Collator
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -76,7 +76,7 @@ def test_bench_runs_at_the_tiny_shape_and_prints_every_column(tmp_path):
     import subprocess
     import sys
 
-    from grerank_dist.bench import PHASES, VARIANTS
+    from grerank_dist.perf.bench import PHASES, VARIANTS
 
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -132,10 +132,10 @@ def test_collective_counter_counts_a_known_all_gather_exactly(tmp_path):
 @pytest.mark.distributed
 def test_predicted_all_gather_bytes_match_the_counted_collectives_on_two_ranks():
     """Counted from DeepSpeed's collectives vs computed from parameter shapes and the config
-    (grerank_dist.cost_model): the ZeRO-3 generator's gathered bytes, forward and backward, with
+    (grerank_dist.perf.cost_model): the ZeRO-3 generator's gathered bytes, forward and backward, with
     every use gathered (no reuse window) and with the repository's window (gathered once); a
     replicated generator gathers nothing. Persistence threshold 1000: the norms stay resident."""
-    from grerank_dist.traffic import launch, measured
+    from grerank_dist.perf.traffic import launch, measured
 
     ranks = launch("tiny", 2, ["zero3-release", "zero3", "replicated"], steps=1, warmup=2, seed=0,
                    zero={"stage3_param_persistence_threshold": 1000}, overrides=[], timeout=600)
@@ -160,7 +160,7 @@ def test_gather_schedule_and_projection_arithmetic_by_hand():
     450e9 s; over 16 GPUs on two nodes: 15/16 x 8e9 / 50e9 s."""
     import math
 
-    from grerank_dist import cost_model as cm
+    from grerank_dist.perf import cost_model as cm
 
     uses = [cm.ModuleUse("a", (("a.w", 10),), True), cm.ModuleUse("b", (("b.w", 3),), True)]
     no_window = cm.ZeroSettings(3, 4, 2, persistence_threshold=5, max_reuse_distance=0, prefetch_bucket=0)
@@ -178,8 +178,8 @@ def test_gpu_path_choices_given_a_faked_capability_set(monkeypatch):
     """No GPU here: the selection logic alone. `auto` on CUDA picks flash-attn (through the folded
     channel) when installed, else the folded channel on SDPA's fused kernels for bf16, SDPA with a
     float mask for fp32; the fused AdamW is requested only on CUDA."""
-    from grerank_dist import attention
-    from grerank_dist.strategy import DeepSpeedStrategy
+    from grerank_dist.method import attention
+    from grerank_dist.training.strategy import DeepSpeedStrategy
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(attention, "_flash_attn_installed", lambda: True)

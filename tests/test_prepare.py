@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from grerank_dist import prepare
-from grerank_dist.metrics import gold_labels
-from grerank_dist.prepare import ConversionError, FormatError, convert, main
+from grerank_dist.data import prepare
+from grerank_dist.method.metrics import gold_labels
+from grerank_dist.data.prepare import ConversionError, FormatError, convert, main
 
 DATA = Path(__file__).parent / "data" / "public_formats"
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_cli_main_prints_report_and_returns_status(tmp_path: Path, capsys: pytes
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "grerank_dist.prepare", "musique", "--input", str(DATA / "musique_full_dev.jsonl"),
+        [sys.executable, "-m", "grerank_dist.data.prepare", "musique", "--input", str(DATA / "musique_full_dev.jsonl"),
          "--output", str(tmp_path / "m.jsonl"), "--skip-bad"],
         capture_output=True, text=True, env=env, timeout=60,
     )

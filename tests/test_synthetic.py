@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from grerank_dist.data import read_records
-from grerank_dist.synthetic import generate_records, synthetic_vocabulary, write_synthetic_splits
-from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.data.records import read_records
+from grerank_dist.demos.synthetic import generate_records, synthetic_vocabulary, write_synthetic_splits
+from grerank_dist.models.tokenization import build_word_tokenizer
 
 BRIDGE_Q = re.compile(r"^in which city was the author of (\w+ \w+) , of the (\w+) family , born \?$")
 COMPARISON_Q = re.compile(r"^who was born first , (\w+ \w+) or (\w+ \w+) \?$")

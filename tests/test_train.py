@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from grerank_dist.export import MODEL_STATES
+from grerank_dist.training.export import MODEL_STATES
 from toy import toy_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def toy_data(tmp_path_factory):
 
 
 def train_args(out_dir, data, *extra):
-    return ["-m", "grerank_dist.train", "--config", str(CONFIG), f"output_dir={out_dir}", f"data.train_file={data}", *extra]
+    return ["-m", "grerank_dist.cli", "train", "--config", str(CONFIG), f"output_dir={out_dir}", f"data.train_file={data}", *extra]
 
 
 def assert_export_matches_checkpoint(export_dir: Path, step_dir: Path) -> None:
@@ -81,7 +81,7 @@ def assert_export_matches_checkpoint(export_dir: Path, step_dir: Path) -> None:
 # The trainer, sending itself Slurm's SIGUSR1 warning during its third step.
 SIGNAL_AT_STEP_3 = """
 import os, signal, sys
-from grerank_dist import train as recipe
+from grerank_dist.training import train as recipe
 inner, calls = recipe.training_step, []
 def signalling(*args, **kwargs):
     calls.append(None)
@@ -148,7 +148,7 @@ def test_resume_refuses_a_swapped_checkpoint_file_without_unpickling_it(tmp_path
 # The trainer whose reranker scores turn NaN from its fourth step on.
 NAN_SCORES_FROM_STEP_4 = """
 import sys
-from grerank_dist import train as recipe
+from grerank_dist.training import train as recipe
 inner, calls = recipe.reranker_scores, []
 def diverging(*args, **kwargs):
     calls.append(None)
@@ -190,7 +190,7 @@ def test_compiled_reranker_trains_like_the_plain_one(tmp_path, toy_data):
 def test_export_cli_and_reranker_tools(tmp_path, toy_data):
     """A LoRA run; `grerank export` of its checkpoint gives a plain directory that transformers,
     sentence-transformers' CrossEncoder and FlagEmbedding's FlagReranker load and score alike."""
-    from grerank_dist.reranker import export_reranker, tiny_reranker
+    from grerank_dist.models.reranker import export_reranker, tiny_reranker
     from toy import toy_records
 
     texts = [r["question"] for r in toy_records(200, 6, seed=3)] + [
@@ -280,7 +280,7 @@ def test_bf16_reranker_exports_its_fp32_master_weights(tmp_path, toy_data, stage
     weights; or stage 0): the run's export and the checkpoint's (and under ZeRO `grerank
     export`'s) are fp32 and equal the optimizer's fp32 masters stored in the checkpoint, which
     carry more precision than the bf16 module weights."""
-    from grerank_dist.export import export_checkpoint
+    from grerank_dist.training.export import export_checkpoint
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     check(run_cli(train_args(tmp_path, toy_data, "train.max_steps=3", "reranker.dtype=bfloat16",
@@ -411,7 +411,7 @@ def test_two_process_zero3_training_with_a_decoder_only_generator(tmp_path, toy_
     """torchrun, 2 ranks, a random tiny Llama frozen under ZeRO-3 in parallel-context mode with
     gradient checkpointing: the run completes, logs finite losses and exports the reranker."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    check(run_cli(["-m", "grerank_dist.train", "--config", str(CONFIG), f"output_dir={tmp_path}",
+    check(run_cli(["-m", "grerank_dist.cli", "train", "--config", str(CONFIG), f"output_dir={tmp_path}",
                    f"data.train_file={toy_data}", "generator.path=random:tiny-llama", "train.max_steps=2"],
                   launcher=torchrun))
     history = losses(tmp_path)
@@ -439,7 +439,7 @@ class FakeEngine:
 def file_strategy():
     """A one-process strategy whose engine writes marker files (no process group, no DeepSpeed)."""
     from grerank_dist.config import load_config
-    from grerank_dist.strategy import DeepSpeedStrategy
+    from grerank_dist.training.strategy import DeepSpeedStrategy
 
     strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     strategy.config, strategy.rank, strategy.world_size = load_config(None, []), 0, 1
@@ -464,7 +464,7 @@ def test_resaving_a_step_never_leaves_latest_without_a_complete_checkpoint(tmp_p
     a later save recovers; without a crash `latest` names step_4 with the new state."""
     import shutil
 
-    from grerank_dist.strategy import LATEST, RUN_ID
+    from grerank_dist.training.strategy import LATEST, RUN_ID
 
     real = {"replace": os.replace, "rmtree": shutil.rmtree, "copytree": shutil.copytree}
     crash_at, calls = [0], [0]
@@ -514,7 +514,7 @@ def test_resume_checks_every_checkpoint_file_before_the_engine_reads_any(tmp_pat
     is checked before the engine loads anything: a changed, missing or extra file, no manifest,
     or a step directory of another run is refused by name, and so is a checkpoint another rank
     refused. An intact one loads, with the trainer's own state read from JSON."""
-    from grerank_dist.strategy import CHECKPOINT_MANIFEST, CheckpointVerificationError
+    from grerank_dist.training.strategy import CHECKPOINT_MANIFEST, CheckpointVerificationError
 
     ckpt = tmp_path / "run" / "checkpoints"
     file_strategy().save_checkpoint(ckpt, 4, {"step": 4}, export_fn=write_export)
@@ -568,7 +568,7 @@ def test_resume_checks_every_checkpoint_file_before_the_engine_reads_any(tmp_pat
 def test_resume_falls_back_from_a_dangling_latest_pointer(tmp_path, capsys):
     """`latest` names a deleted step_6: resume takes the newest complete checkpoint (step_4, not
     the incomplete step_5 or the older step_2) and says so; with no complete one it stops."""
-    from grerank_dist.strategy import LATEST
+    from grerank_dist.training.strategy import LATEST
 
     strategy = file_strategy()
     ckpt = tmp_path / "checkpoints"
@@ -591,7 +591,7 @@ def test_resume_falls_back_from_a_dangling_latest_pointer(tmp_path, capsys):
 def test_metrics_file_keeps_each_step_once_on_resume(tmp_path):
     """Steps 1-5 were logged but the checkpoint is at step 3: resuming drops 4 and 5 before
     the resumed run logs them again."""
-    from grerank_dist.tracking import MetricsLogger, read_metrics as read_records
+    from grerank_dist.training.tracking import MetricsLogger, read_metrics as read_records
 
     first = MetricsLogger(tmp_path, enabled=True)
     for step in range(1, 6):
@@ -609,7 +609,7 @@ def test_metrics_file_keeps_each_step_once_on_resume(tmp_path):
 def test_throughput_is_windowed_and_separates_data_time():
     """queries_per_s is the queries of every step since the last log over the wall time since
     then; data and step time are per-step means over the window (hand-computed, fake clock)."""
-    from grerank_dist.tracking import ThroughputWindow
+    from grerank_dist.training.tracking import ThroughputWindow
 
     now = [100.0]
     window = ThroughputWindow(clock=lambda: now[0])

@@ -42,7 +42,7 @@ def train_toy_reader(records: list[dict], out_dir, steps: int = 500, seed: int =
     from pathlib import Path
 
     from grerank_dist.config import load_config
-    from grerank_dist.reader import ReaderConfig, build_reader_tokenizer, train_reader
+    from grerank_dist.demos.reader import ReaderConfig, build_reader_tokenizer, train_reader
 
     config = load_config(None, ["data.n_candidates=6", "data.doc_max_tokens=12", "data.answer_eos=true",
                                 "data.doc_template='{title} : {text}'", "data.prompt_template='question : {question} answer :'"])

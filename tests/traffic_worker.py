@@ -1,5 +1,5 @@
 """Run under torchrun (2 ranks, gloo): one known all-gather through DeepSpeed's comms logger,
-so the test can compare grerank_dist.traffic's count with the hand-computed size."""
+so the test can compare grerank_dist.perf.traffic's count with the hand-computed size."""
 
 import json
 import sys
@@ -7,8 +7,8 @@ import sys
 import torch
 
 from grerank_dist.config import load_config
-from grerank_dist.strategy import DeepSpeedStrategy, shutdown_distributed
-from grerank_dist.traffic import logged_collectives
+from grerank_dist.training.strategy import DeepSpeedStrategy, shutdown_distributed
+from grerank_dist.perf.traffic import logged_collectives
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
-"""Generator models that sit behind :class:`grerank_dist.generator.ParallelContextGenerator`.
+"""Generator models that sit behind :class:`grerank_dist.interface.ParallelContextGenerator`.
 
-Each generator family is one module with a ``FAMILY`` (:class:`grerank_dist.generator.GeneratorFamily`):
+Each generator family is one module with a ``FAMILY`` (:class:`grerank_dist.interface.GeneratorFamily`):
 which checkpoints it reads, how it loads them, which random tiny models it builds, and (on the
 model it returns, ``model.input_format``) how a record becomes its inputs. A new family is one
 module plus one entry in :data:`FAMILY_MODULES`.
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from grerank_dist.generator import GeneratorFamily
+from grerank_dist.interface import GeneratorFamily
 
 RANDOM_PREFIX = "random:"
 # Tried in order: the first family that accepts a checkpoint's config.json loads it.

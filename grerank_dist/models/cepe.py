@@ -5,7 +5,7 @@ The architecture and the state-dict names are those of the released CEPE-LLaMA-2
 small bidirectional Llama encoder that reads every context document independently), so that
 checkpoint loads unchanged. What differs is the cross-attention: it is ours, and adds the
 G-Rerank log-mask ``log M_i`` to every score of document ``i``'s keys through
-:func:`grerank_dist.attention.masked_attention`; with ``log M in {0, -inf}`` it is exactly
+:func:`grerank_dist.method.attention.masked_attention`; with ``log M in {0, -inf}`` it is exactly
 reranking (the model sees only the kept documents).
 
 Layout of one decoder layer with cross-attention (the release's order)::
@@ -49,8 +49,8 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import ModelOutput
 
-from grerank_dist.attention import BACKENDS, check_key_bias, expand_doc_bias, masked_attention
-from grerank_dist.generator import (
+from grerank_dist.method.attention import BACKENDS, check_key_bias, expand_doc_bias, masked_attention
+from grerank_dist.interface import (
     AnswerLogProbs,
     EncodedContexts,
     GeneratorFamily,
@@ -98,7 +98,7 @@ class CepeConfig(LlamaConfig):
     causal (the public code silently turns a decoder with ``is_decoder: false`` bidirectional).
 
     ``cross_attn_backend`` (ours) picks the kernel of the masked cross-attention: "auto" or one
-    of :data:`grerank_dist.attention.BACKENDS`; it is read at every call, so it can be changed
+    of :data:`grerank_dist.method.attention.BACKENDS`; it is read at every call, so it can be changed
     on a built model.
     """
 
@@ -704,7 +704,7 @@ class CepeCausalLMOutput(ModelOutput):
 
 class CepeForCausalContextLM(PreTrainedModel):
     """CEPE-Llama with a per-document log-mask in every cross-attention; implements
-    :class:`grerank_dist.generator.ParallelContextGenerator`.
+    :class:`grerank_dist.interface.ParallelContextGenerator`.
 
     All parameters are frozen after construction and loading (``requires_grad`` False); the
     gradient of the answer loss reaches only ``doc_log_mask``. Unfreezing (``requires_grad_(True)``,
@@ -973,7 +973,7 @@ def decoder_rows(
     tensors: dict[str, torch.Tensor | None],
 ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None, int | None]:
     """Check shapes; return the per-row decoder inputs, the per-key bias [R, n*L] and m (None for
-    one mask a query; see :func:`grerank_dist.generator.rows_for_masks`).
+    one mask a query; see :func:`grerank_dist.interface.rows_for_masks`).
 
     Shared by every generator whose documents are its only cross-attention keys (CEPE, FiD).
     """
@@ -1003,7 +1003,7 @@ def _cepe_format(data: Any) -> InputFormat:
 
 
 def _build_random_cepe(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch.dtype, data: Any) -> tuple["CepeForCausalContextLM", Any]:
-    from grerank_dist.tokenization import build_word_tokenizer
+    from grerank_dist.models.tokenization import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(vocab_texts, "decoder")
     torch.manual_seed(seed)

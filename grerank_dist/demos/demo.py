@@ -1,7 +1,7 @@
 """`grerank demo`: the whole system on a laptop CPU in minutes, through the real code paths.
 
     grerank demo [--out runs/demo] [--seed 0] [--quick] [--generator cepe|fid] [--reader DIR] [--initial DIR] [key=value ...]
-    grerank demo --generator smollm2 [--quick] [key=value ...]   (real models: grerank_dist.demo_smollm2)
+    grerank demo --generator smollm2 [--quick] [key=value ...]   (real models: grerank_dist.demos.demo_smollm2)
 
 1. make the synthetic multi-hop benchmark (bridge questions whose answer needs a document that
    does not contain it, and comparison questions);
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import read_records
-from grerank_dist.evaluate import evaluate
-from grerank_dist.metrics import metrics_table_markdown
-from grerank_dist.plots import plot_mask_weight, plot_metric_history
-from grerank_dist.reader import (
+from grerank_dist.data.records import read_records
+from grerank_dist.evaluation.evaluate import evaluate
+from grerank_dist.method.metrics import metrics_table_markdown
+from grerank_dist.evaluation.plots import plot_mask_weight, plot_metric_history
+from grerank_dist.demos.reader import (
     DEMO_CONFIGS,
     READER_GENERATORS,
     READER_TRAINING_FILE,
@@ -43,10 +43,10 @@ from grerank_dist.reader import (
     reader_report,
     train_reader,
 )
-from grerank_dist.reranker import export_reranker, tiny_reranker
-from grerank_dist.synthetic import generate_records, split_seed, write_synthetic_splits
-from grerank_dist.tracking import read_metrics
-from grerank_dist.train import train
+from grerank_dist.models.reranker import export_reranker, tiny_reranker
+from grerank_dist.demos.synthetic import generate_records, split_seed, write_synthetic_splits
+from grerank_dist.training.tracking import read_metrics
+from grerank_dist.training.train import train
 
 DEFAULT_OUT = "runs/demo"
 
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     if args.generator == "smollm2":
         if args.reader or args.initial:
             raise SystemExit("grerank demo: --reader and --initial apply to --generator cepe|fid only")
-        from grerank_dist.demo_smollm2 import run_smollm2_demo
+        from grerank_dist.demos.demo_smollm2 import run_smollm2_demo
 
         out = Path(args.out) if args.out != DEFAULT_OUT else Path("runs/demo_smollm2")
         run_smollm2_demo(out, seed=args.seed, quick=args.quick, overrides=args.overrides)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from grerank_dist.config import LoraConfig
-from grerank_dist.reranker import export_reranker, load_reranker
-from grerank_dist.strategy import LATEST, MODEL_STATES, checkpoint_problem
+from grerank_dist.models.reranker import export_reranker, load_reranker
+from grerank_dist.training.strategy import LATEST, MODEL_STATES, checkpoint_problem
 
 
 def _resolve_checkpoint(path: Path) -> Path:

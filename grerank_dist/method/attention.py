@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from grerank_dist.checks import require
+from grerank_dist.method.checks import require
 
 __all__ = [
     "BACKENDS",
@@ -315,7 +315,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
 def check_key_bias(key_bias: torch.Tensor) -> None:
     """Reject NaN/+inf biases and rows whose keys are all -inf (they would attend to nothing).
 
-    It reads the values (a device sync, deferred under :func:`grerank_dist.checks.deferred_checks`);
+    It reads the values (a device sync, deferred under :func:`grerank_dist.method.checks.deferred_checks`);
     a caller that reuses one bias in many layers checks it once here and passes
     ``check_bias=False`` to :func:`masked_attention`.
     """

@@ -43,20 +43,21 @@ from typing import Any
 import torch
 
 from grerank_dist.config import DataConfig, load_config
-from grerank_dist.data import Collator, read_records
-from grerank_dist.generator import InputFormat
-from grerank_dist.metrics import substring_exact_match
+from grerank_dist.data.collate import Collator
+from grerank_dist.data.records import read_records
+from grerank_dist.interface import InputFormat
+from grerank_dist.method.metrics import substring_exact_match
 from grerank_dist.models import load_generator
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config
 from grerank_dist.models.fid import FID_FORMAT, FidForConditionalGeneration, tiny_fid_config
-from grerank_dist.synthetic import synthetic_vocabulary
-from grerank_dist.tokenization import build_word_tokenizer, split_words
+from grerank_dist.demos.synthetic import synthetic_vocabulary
+from grerank_dist.models.tokenization import build_word_tokenizer, split_words
 
 READER_TRAINING_FILE = "reader_training.json"
 READER_GENERATORS = ("cepe", "fid")
 # The demo's training config per reader family: FiD's documents also hold the question, so they
 # need more tokens (the longest synthetic one is 43 words).
-DEMO_CONFIGS = {name: Path(__file__).resolve().parents[1] / "configs" / f"demo{suffix}.yaml"
+DEMO_CONFIGS = {name: Path(__file__).resolve().parents[2] / "configs" / f"demo{suffix}.yaml"
                 for name, suffix in (("cepe", ""), ("fid", "_fid"))}
 REPORT_CONDITIONS = ("both_gold", "answer_doc", "bridge_doc", "all_candidates", "no_documents")
 

@@ -1,6 +1,6 @@
 """`grerank demo --generator smollm2`: G-Rerank with real pretrained models on a CPU.
 
-1. natural-sentence reading records about invented entities (``grerank_dist.reading``): one gold
+1. natural-sentence reading records about invented entities (``grerank_dist.demos.reading``): one gold
    passage, lookalike distractors, a noisy word-overlap retriever order;
 2. the frozen zero-shot SmolLM2-135M-Instruct (chat template, parallel context) and the
    pretrained all-MiniLM-L6-v2 as a cross-encoder with a new scoring head, both from the
@@ -26,14 +26,14 @@ from typing import Any
 import torch
 
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.evaluate import evaluate
-from grerank_dist.fetch import fetch_model
-from grerank_dist.reading import generate_reading_records
-from grerank_dist.reranker import export_reranker, load_reranker
-from grerank_dist.synthetic import split_seed
-from grerank_dist.train import train
+from grerank_dist.evaluation.evaluate import evaluate
+from grerank_dist.models.fetch import fetch_model
+from grerank_dist.demos.reading import generate_reading_records
+from grerank_dist.models.reranker import export_reranker, load_reranker
+from grerank_dist.demos.synthetic import split_seed
+from grerank_dist.training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo_smollm2.yaml"
 
 # The full sizes: 60 training steps (20-24 s each on one thread of a loaded 2-core machine) and

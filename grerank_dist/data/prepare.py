@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from grerank_dist.metrics import answer_finder, has_answer, normalize_answer, retriever_order
+from grerank_dist.method.metrics import answer_finder, has_answer, normalize_answer, retriever_order
 
 _READ_CHUNK = 1 << 20
 _MAX_RECORD_CHARS = 256 << 20  # a pending array element larger than this is treated as broken JSON
@@ -699,7 +699,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grerank_dist.prepare")
+    parser = argparse.ArgumentParser(prog="python -m grerank_dist.data.prepare")
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

@@ -21,17 +21,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from grerank_dist.checks import deferred_checks
+from grerank_dist.method.checks import deferred_checks
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import Batch, Collator, MicroBatchSchedule
-from grerank_dist.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens, step_loader
-from grerank_dist.generator import ParallelContextGenerator
+from grerank_dist.data.collate import Collator, MicroBatchSchedule
+from grerank_dist.interface import Batch
+from grerank_dist.data.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens, step_loader
+from grerank_dist.interface import ParallelContextGenerator
 from grerank_dist.models import RANDOM_PREFIX, load_generator
-from grerank_dist.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, ObjectiveOutput
-from grerank_dist.relax import noise_generator
-from grerank_dist.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
-from grerank_dist.strategy import DeepSpeedStrategy
-from grerank_dist.tracking import MetricsLogger, ThroughputWindow
+from grerank_dist.method.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, ObjectiveOutput
+from grerank_dist.method.relax import noise_generator
+from grerank_dist.models.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
+from grerank_dist.training.strategy import DeepSpeedStrategy
+from grerank_dist.training.tracking import MetricsLogger, ThroughputWindow
 
 
 class StopSignal:
@@ -213,7 +214,7 @@ def train(config: TrainConfig, resume: str = "auto", local_rank: int | None = No
     batches = iter(step_loader(StepBatches(tokens, schedule, collate), start_step * accum, last_step * accum,
                                config.data.num_workers, pin_memory=strategy.device.type == "cuda"))
     # Value checks (NaN scores, masks that remove every document) are read at each log point,
-    # with the losses, instead of stalling every step on a device read (grerank_dist.checks).
+    # with the losses, instead of stalling every step on a device read (grerank_dist.method.checks).
     with deferred_checks() as value_checks:
         for step in range(start_step, last_step):
             lr = strategy.learning_rate()  # the rate this step's update uses
@@ -306,11 +307,3 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     train(config, resume=args.resume, local_rank=args.local_rank)
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from grerank_dist.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))  # the `grerank train` command, teardown included

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grerank_dist.relax import rank_candidates
+from grerank_dist.method.relax import rank_candidates
 
 Relevance = set[int] | frozenset[int] | Sequence[bool] | Sequence[int] | np.ndarray
 """Gold relevance of a query's candidates: a ``set`` of relevant candidate indices, or one
@@ -162,7 +162,7 @@ def rank_by_scores(scores: Any, valid: Any = None) -> list[int]:
     """Candidate indices by score, best first; ties keep the original (retriever) order.
 
     ``valid`` (one boolean per candidate) leaves padding candidates out of the ranking. The
-    order is :func:`grerank_dist.relax.rank_candidates`, the rule of the training-side hard
+    order is :func:`grerank_dist.method.relax.rank_candidates`, the rule of the training-side hard
     masks too, so a reranker that scores all candidates alike reproduces the retriever's order
     instead of an arbitrary one, here and in the generator's hard top-k.
     """

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from grerank_dist.metrics import has_answer
+from grerank_dist.method.metrics import has_answer
 
 FIRST_NAMES = (
     "anna boris carla dmitri elena felix greta hugo ines jonas karla lukas mila nils olga pavel "
@@ -376,7 +376,7 @@ def synthetic_vocabulary() -> list[str]:
     """Every word a synthetic record can contain (sorted), for building a word-level tokenizer.
 
     Pass it together with the prompt and document templates to
-    :func:`grerank_dist.tokenization.build_word_tokenizer`.
+    :func:`grerank_dist.models.tokenization.build_word_tokenizer`.
     """
     template_words = {word for template in _TEMPLATES for word in template.split() if not word.startswith("{")}
     pools = (FIRST_NAMES, LAST_NAMES, CITIES, TITLE_ADJECTIVES, TITLE_NOUNS, GENRES, YEARS)

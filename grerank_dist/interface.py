@@ -8,6 +8,7 @@ log-mask that is added to every cross-attention score of that document's keys.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -105,7 +106,7 @@ class ParallelContextGenerator(Protocol):
 
 @dataclass(frozen=True)
 class InputFormat:
-    """How a record becomes a generator's inputs (read by :class:`grerank_dist.data.Collator`).
+    """How a record becomes a generator's inputs (read by :class:`grerank_dist.data.collate.Collator`).
 
     Documents are tokenised without special tokens, truncated to ``data.doc_max_tokens`` and
     left-padded (to the batch's longest document when ``docs_pad_to_batch``, else to
@@ -278,3 +279,38 @@ def checked_document_mask(encoder_input_ids: torch.Tensor, encoder_attention_mas
             f"encoder_input_ids shape {tuple(encoder_input_ids.shape)}"
         )
     return encoder_attention_mask
+
+
+@dataclass
+class Batch:
+    """One micro-batch of B queries with n candidates, ready for the reranker and the generator."""
+
+    reranker_inputs: dict[str, torch.Tensor]  # each [B*n, Lr]
+    valid: torch.Tensor  # [B, n] bool: real candidates
+    relevant: torch.Tensor  # [B, n] bool: gold labels (metrics.gold_labels); only the gold-label reference trains on them
+    retriever_scores: torch.Tensor  # [B, n] float: the first-stage retriever's scores, NaN where a candidate has none
+    encoder_input_ids: torch.Tensor  # [B, n, L], left-padded
+    encoder_attention_mask: torch.Tensor  # [B, n, L]
+    input_ids: torch.Tensor  # [B, S] prompt + answer, right-padded
+    attention_mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S], -100 outside the answer
+    prompt_ids: torch.Tensor  # [B, P] prompt only, left-padded (for generation)
+    prompt_attention_mask: torch.Tensor  # [B, P]
+    record_ids: list[int]  # positions in the dataset
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self._apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (a DataLoader with ``pin_memory`` calls it), for asynchronous copies to the GPU."""
+        return self._apply(torch.Tensor.pin_memory)
+
+    def _apply(self, fn: Any) -> "Batch":
+        tensors = {
+            f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return Batch(reranker_inputs={k: fn(v) for k, v in self.reranker_inputs.items()}, record_ids=self.record_ids, **tensors)
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[0]

@@ -12,7 +12,7 @@ gradient becomes NaN, while the log-space value stays finite.
 
 At inference the reranker keeps its top k documents: :func:`hard_topk_mask` and
 :func:`hard_topk_log_mask` (0 / -inf, the bias that reproduces reranking exactly). Every hard
-top-k of the project, here and in evaluation (:func:`grerank_dist.metrics.rank_by_scores`),
+top-k of the project, here and in evaluation (:func:`grerank_dist.method.metrics.rank_by_scores`),
 follows the one order of :func:`rank_candidates`: ties are broken by candidate order, which is
 the retriever's order after loading (see ``data.candidate_order``).
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from grerank_dist.checks import require
+from grerank_dist.method.checks import require
 
 __all__ = [
     "gumbel_attention_mask",
@@ -79,7 +79,7 @@ def _validate(
     scores: torch.Tensor, k: int | None, tau: float | None, kappa: float | None, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """Check the arguments and return the boolean ``valid`` mask (all True when not given). The
-    value checks read the scores: deferred under :func:`grerank_dist.checks.deferred_checks`."""
+    value checks read the scores: deferred under :func:`grerank_dist.method.checks.deferred_checks`."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise ValueError(f"scores must be a float tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.dim() not in (1, 2):
@@ -212,7 +212,7 @@ def gumbel_attention_mask(
 
     Same noise as :func:`relaxed_topk_gumbel` for the same generator state. Values are <= 0,
     -inf exactly on invalid candidates; ready to be added to attention logits (see
-    :func:`grerank_dist.attention.expand_doc_bias`).
+    :func:`grerank_dist.method.attention.expand_doc_bias`).
     """
     valid = _validate(scores, k, tau, kappa, valid)
     logits = _perturbed_logits(scores, k, tau, kappa, generator, valid, noise)

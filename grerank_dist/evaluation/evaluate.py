@@ -41,14 +41,16 @@ from tqdm.auto import tqdm
 
 from grerank_dist.atomic import write_text
 from grerank_dist.config import TrainConfig, load_config
-from grerank_dist.data import Batch, Collator, read_records, reranker_pairs
-from grerank_dist.generator import EncodedContexts, ParallelContextGenerator
-from grerank_dist.metrics import aggregate_metrics, answer_query_metrics, gold_labels, metrics_table_markdown
-from grerank_dist.metrics import rank_by_scores, retrieval_query_metrics
+from grerank_dist.data.collate import Collator, reranker_pairs
+from grerank_dist.data.records import read_records
+from grerank_dist.interface import Batch
+from grerank_dist.interface import EncodedContexts, ParallelContextGenerator
+from grerank_dist.method.metrics import aggregate_metrics, answer_query_metrics, gold_labels, metrics_table_markdown
+from grerank_dist.method.metrics import rank_by_scores, retrieval_query_metrics
 from grerank_dist.models import RANDOM_PREFIX
-from grerank_dist.reranker import load_reranker, reranker_scores
-from grerank_dist.strategy import DeepSpeedStrategy
-from grerank_dist.train import build_generator
+from grerank_dist.models.reranker import load_reranker, reranker_scores
+from grerank_dist.training.strategy import DeepSpeedStrategy
+from grerank_dist.training.train import build_generator
 
 SETTINGS = ("reranker", "generator", "mining")
 RETRIEVER, ORACLE = "retriever", "oracle"

@@ -1,7 +1,7 @@
 """Analytic cost of one G-Rerank step: FLOPs, ZeRO-3 all-gather bytes, reranker reduction bytes, memory.
 
 One source for every prediction the benchmarks print beside their measurements
-(``grerank_dist.bench``, ``grerank_dist.traffic``) and for the GPU-cluster projection
+(``grerank_dist.perf.bench``, ``grerank_dist.perf.traffic``) and for the GPU-cluster projection
 (``scripts/project_scale.py``). Everything here is computed from shapes (parameter counts come
 from the model classes built on the meta device) and from the DeepSpeed config values; nothing is
 read back from a run.
@@ -111,7 +111,7 @@ def decoder_only_step_flops(gen: Any, rr: Any, lengths: StepLengths) -> dict[str
 
 
 def batch_lengths(batch: Any, useful: bool) -> StepLengths:
-    """The token counts of a collated :class:`grerank_dist.data.Batch`: real tokens (``useful``)
+    """The token counts of a collated :class:`grerank_dist.interface.Batch`: real tokens (``useful``)
     or the padded shapes the step executes."""
     def lengths(mask: torch.Tensor) -> list[int]:
         flat = mask.reshape(-1, mask.shape[-1])

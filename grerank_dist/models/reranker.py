@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from grerank_dist.atomic import build_directory
 from grerank_dist.config import LoraConfig
-from grerank_dist.tokenization import build_word_tokenizer
+from grerank_dist.models.tokenization import build_word_tokenizer
 
 
 def load_reranker(path: str | Path, lora: LoraConfig | None = None) -> tuple[torch.nn.Module, Any]:

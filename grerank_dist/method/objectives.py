@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grerank_dist.config import ObjectiveConfig, RelaxConfig
-from grerank_dist.data import Batch
-from grerank_dist.generator import AnswerLogProbs, EncodedContexts, ParallelContextGenerator
-from grerank_dist.relax import gumbel_attention_mask
+from grerank_dist.config import ADIST_TARGETS, ObjectiveConfig, RelaxConfig
+from grerank_dist.interface import Batch
+from grerank_dist.interface import AnswerLogProbs, EncodedContexts, ParallelContextGenerator
+from grerank_dist.method.relax import gumbel_attention_mask
 
 
 @dataclass
@@ -220,9 +220,6 @@ def adist_loss(
     return _distillation(adist_target_logits(mass.to(scores.dtype), settings), scores, batch, relax, settings)
 
 
-ADIST_TARGETS = ("atlas", "log_mass")
-
-
 def adist_target_logits(mass: torch.Tensor, settings: ObjectiveConfig) -> torch.Tensor:
     """The logits of ADist's target distribution from the pooled attention scores [B, n].
 
@@ -381,4 +378,3 @@ OBJECTIVES = {
 }
 # Reference objectives that read only the batch's labels or retriever scores.
 GENERATOR_FREE_OBJECTIVES = frozenset({"gold_labels", "retriever_distillation"})
-KL_DIRECTIONS = ("target_to_scores", "scores_to_target")

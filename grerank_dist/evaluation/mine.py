@@ -25,13 +25,15 @@ from tqdm.auto import tqdm
 
 from grerank_dist.atomic import write_text
 from grerank_dist.config import RelaxConfig, TrainConfig, load_config
-from grerank_dist.data import Batch, Collator, read_records
-from grerank_dist.evaluate import table_columns
-from grerank_dist.generator import EncodedContexts, ParallelContextGenerator
-from grerank_dist.metrics import aggregate_metrics, gold_labels, metrics_table_markdown, rank_by_scores, retrieval_query_metrics
+from grerank_dist.data.collate import Collator
+from grerank_dist.data.records import read_records
+from grerank_dist.interface import Batch
+from grerank_dist.evaluation.evaluate import table_columns
+from grerank_dist.interface import EncodedContexts, ParallelContextGenerator
+from grerank_dist.method.metrics import aggregate_metrics, gold_labels, metrics_table_markdown, rank_by_scores, retrieval_query_metrics
 from grerank_dist.models import RANDOM_PREFIX, load_generator
-from grerank_dist.objectives import answer_under_masks, leave_one_out_masks, single_document_masks
-from grerank_dist.relax import gumbel_attention_mask, noise_generator
+from grerank_dist.method.objectives import answer_under_masks, leave_one_out_masks, single_document_masks
+from grerank_dist.method.relax import gumbel_attention_mask, noise_generator
 
 MINED = "grerank_mined"
 BASELINES = ("lowest_perplexity", "highest_attention", "largest_loo_drop")
@@ -88,7 +90,7 @@ def load_generator_and_collator(config: TrainConfig, records: list[dict[str, Any
     inputs the generator is trained and evaluated on."""
     texts: list[str] = []
     if config.generator.path.startswith(RANDOM_PREFIX):
-        from grerank_dist.train import record_texts
+        from grerank_dist.training.train import record_texts
 
         texts = record_texts(records, config)
     generator, tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed, data=config.data)

@@ -3,9 +3,9 @@
     grerank bench --shape tiny --world-size 2 [--placements zero3,replicated,hpz] [--steps 3 --warmup 2]
 
 Launches ``torch.distributed.run`` with ``--world-size`` CPU ranks (gloo); every rank builds the
-engines of ``grerank_dist.bench`` for each placement of the frozen generator (ZeRO-3
+engines of ``grerank_dist.perf.bench`` for each placement of the frozen generator (ZeRO-3
 partitioned, stage 0 replicated, ZeRO-3 with hierarchical partitioning ``zero_hpz_partition_size``
-= the world) and runs :func:`grerank_dist.train.training_step` itself. Collectives are counted by
+= the world) and runs :func:`grerank_dist.training.train.training_step` itself. Collectives are counted by
 DeepSpeed's own comms logger (``deepspeed.comm``: every collective DeepSpeed issues, with its
 message size), split into the step's forward, backward and optimizer step; an all-gather's bytes
 are its gathered buffer (input shard x group size), what lands on each rank. Memory is counted as
@@ -13,7 +13,7 @@ live tensor bytes (a ``TorchDispatchMode`` that follows every storage an op allo
 dies, over the tensors alive when the steps start): what ``torch.cuda.max_memory_allocated``
 would report on a GPU, where process RSS would also count the interpreter, the allocator's
 retained pages and the full model built before ZeRO-3 partitions it. Predictions come from
-:mod:`grerank_dist.cost_model` (shapes and config values only).
+:mod:`grerank_dist.perf.cost_model` (shapes and config values only).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class PlacementResult:
 def placement_overrides(placement: str, world_size: int, zero: dict[str, Any]) -> list[str]:
     """Training-config overrides that put the generator where ``placement`` says, with ``zero``
     merged into its ``zero_optimization`` section (ZeRO-3 placements only)."""
-    from grerank_dist.bench import DS_CONFIGS
+    from grerank_dist.perf.shapes import DS_CONFIGS
 
     files = {"zero3": "generator_zero3.json", "zero3-release": "generator_zero3.json",
              "replicated": "generator_replicated.json", "hpz": "generator_zero3_hpz.json"}
@@ -152,9 +152,9 @@ def run_placement(shape_name: str, placement: str, steps: int, warmup: int, seed
     """Build one placement's engines on this rank and count the collectives of its steps."""
     import deepspeed.comm as dist
 
-    from grerank_dist.bench import SHAPES, bench_config, build_engines, synthetic_records
-    from grerank_dist.relax import noise_generator
-    from grerank_dist.train import training_step
+    from grerank_dist.perf.shapes import SHAPES, bench_config, build_engines, synthetic_records
+    from grerank_dist.method.relax import noise_generator
+    from grerank_dist.training.train import training_step
 
     shape = SHAPES[shape_name]
     world = int(os.environ["WORLD_SIZE"])
@@ -214,7 +214,7 @@ def predict(built: Any, shape: Any, batches: list[Any], gen_ds: dict[str, Any], 
             world: int) -> dict[str, int]:
     """The cost model's numbers for one placement: from the model classes on the meta device,
     the DeepSpeed configs and the batches' token counts; nothing read from the run."""
-    from grerank_dist import cost_model as cm
+    from grerank_dist.perf import cost_model as cm
     from grerank_dist.models.cepe import CepeForCausalContextLM
 
     with torch.device("meta"):
@@ -251,7 +251,7 @@ def launch(shape: str, world_size: int, placements: list[str], steps: int, warmu
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "traffic.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-                   "-m", "grerank_dist.traffic", "--shape", shape, "--placements", ",".join(placements),
+                   "-m", "grerank_dist.perf.traffic", "--shape", shape, "--placements", ",".join(placements),
                    "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed), "--zero", json.dumps(zero),
                    "--out", str(out), *overrides]
         dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
@@ -307,7 +307,7 @@ def report(shape_name: str, batch: int, ranks: list[list[dict[str, Any]]]) -> st
                  str(p["rr_param_all_gather"]), f"{m['resident'] / mb:.2f}/{p['resident'] / mb:.2f}",
                  f"{m['step_peak'] / mb:.2f}/{p['step_peak'] / mb:.2f}", f"{p['step_bucket'] / mb:.0f}"]
         lines.append(" | ".join(cells))
-    lines.append("m: measured (DeepSpeed comms logger; live-tensor meter); p: predicted (grerank_dist.cost_model); "
+    lines.append("m: measured (DeepSpeed comms logger; live-tensor meter); p: predicted (grerank_dist.perf.cost_model); "
                  "AG: generator parameter all-gathers; rr AR: reranker gradient all-reduce; rr AG: reranker "
                  "parameter all-gather after the ZeRO-1 step; resident: tensors alive between steps; step peak: "
                  "most tensor bytes allocated within a step and alive at once, of which 'bucket' is the ZeRO-1 "
@@ -317,7 +317,7 @@ def report(shape_name: str, batch: int, ranks: list[list[dict[str, Any]]]) -> st
 
 def run(args: argparse.Namespace) -> int:
     """``grerank bench --world-size N``: launch the ranks, print measured beside predicted."""
-    from grerank_dist.bench import SHAPES
+    from grerank_dist.perf.shapes import SHAPES
 
     placements = [p for p in args.placements.split(",") if p]
     ranks = launch(args.shape, args.world_size, placements, args.steps, args.warmup, args.seed, json.loads(args.zero),
@@ -349,7 +349,7 @@ def rank_main(argv: list[str]) -> int:
             results.append({"placement": placement, "error": f"{type(exc).__name__}: {exc}"})
     rank = int(os.environ["RANK"])
     Path(f"{args.out}.rank{rank}").write_text(json.dumps(results))
-    from grerank_dist.strategy import shutdown_distributed
+    from grerank_dist.training.strategy import shutdown_distributed
 
     shutdown_distributed()
     return 0

@@ -1,6 +1,6 @@
 """Everything DeepSpeed, in one object: process group, the two engines, backward/step, checkpoints.
 
-The recipe (``grerank_dist.train``) never touches an engine directly. Two engines live in one
+The recipe (``grerank_dist.training.train``) never touches an engine directly. Two engines live in one
 process: the frozen generator under ZeRO-3 (or stage 0, replicated) with no optimizer, and the
 data-parallel reranker under ZeRO 0/1/2 with the optimizer. ``backward`` and ``step`` go through
 the reranker engine only; the generator is called through its module (calling the ZeRO-3 engine

@@ -1,6 +1,6 @@
 """Natural-sentence reading comprehension about invented entities, for real pretrained generators.
 
-Why it exists: the synthetic benchmark (``grerank_dist.synthetic``) is written in a word-level
+Why it exists: the synthetic benchmark (``grerank_dist.demos.synthetic``) is written in a word-level
 toy language that only a reader trained on it can read. A small pretrained LLM (SmolLM2-135M)
 reads ordinary English zero-shot, so this generator writes ordinary sentences instead, with the
 same record format (question, answers, ctxs[{title, text, score, has_answer, is_supporting}]):
@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from grerank_dist.metrics import has_answer
+from grerank_dist.method.metrics import has_answer
 
 FIRST_NAMES = ("Marta Jonah Elsa Tomas Ingrid Rafael Nadia Oskar Lucia Pieter Amara Henrik Sofia Mateo "
                "Freya Dmitri Leona Caspar Yusuf Greta").split()

@@ -2,7 +2,7 @@
 
 Reading an NQ-sized file into Python dicts on every rank costs gigabytes per rank and minutes of
 tokenisation in the training loop. Here the file is read and checked once (the same
-:func:`grerank_dist.data.iter_records`, so errors still name the file, the line and the field)
+:func:`grerank_dist.data.records.iter_records`, so errors still name the file, the line and the field)
 into an Arrow file of records; once the tokenizers are known, ``datasets.map`` (several
 processes) stores every record's token ids beside it. Both live in a cache directory named by a
 fingerprint of what they depend on: a restart or a second run with the same file, tokenizers and
@@ -31,7 +31,9 @@ from datasets.arrow_writer import ArrowWriter
 
 from grerank_dist.atomic import build_directory
 from grerank_dist.config import DataConfig
-from grerank_dist.data import Batch, Collator, MicroBatchSchedule, ReadReport, RecordError, iter_records
+from grerank_dist.data.collate import Collator, MicroBatchSchedule
+from grerank_dist.data.records import ReadReport, RecordError, iter_records
+from grerank_dist.interface import Batch
 
 CACHE_ENV = "GRERANK_DATA_DIR"
 RECORDS_FILE = "records.arrow"
@@ -60,7 +62,7 @@ RECORD_FEATURES = Features(
 )
 # The code that decides what the caches hold: a change to it gives new fingerprints.
 CODE_VERSION = hashlib.sha256(
-    b"".join((Path(__file__).parent / name).read_bytes() for name in ("data.py", "dataset.py"))
+    b"".join((Path(__file__).parent / name).read_bytes() for name in ("records.py", "collate.py", "dataset.py"))
 ).hexdigest()[:16]
 
 
