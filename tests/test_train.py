@@ -102,7 +102,7 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
     6-step run, each step logged once with its windowed throughput and data time."""
     steps = ["train.max_steps=6", "train.save_every=2"]
     check(run_cli(train_args(tmp_path / "whole", toy_data, *steps)))
-    stopped = check(run_cli(["-c", SIGNAL_AT_STEP_3, *train_args(tmp_path / "split", toy_data, *steps)[2:]]))
+    stopped = check(run_cli(["-c", SIGNAL_AT_STEP_3, *train_args(tmp_path / "split", toy_data, *steps)[3:]]))
     ckpt = tmp_path / "split" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_3"
     assert not (tmp_path / "split" / "reranker").exists() and (ckpt / "step_3" / "reranker" / "config.json").is_file()
@@ -165,7 +165,7 @@ def test_nan_scores_stop_the_run_at_the_next_log_point_before_any_checkpoint_of_
     """The value checks are deferred to the log points (no device read per step): NaN scores in
     step 4 stop the run at step 6's read, naming the steps, and no checkpoint after step 3 is
     written from them."""
-    args = train_args(tmp_path, toy_data, "train.max_steps=10", "train.log_every=3", "train.save_every=3")[2:]
+    args = train_args(tmp_path, toy_data, "train.max_steps=10", "train.log_every=3", "train.save_every=3")[3:]
     result = run_cli(["-c", NAN_SCORES_FROM_STEP_4, *args])
     assert result.returncode != 0
     assert "ValueError: training steps up to 6: scores are NaN or infinite for valid candidates" in result.stderr
