@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,16 @@ class GeneratorConfig:
     # A local checkpoint directory (CEPE, or a Llama/Qwen2/Qwen3/Mistral/Gemma causal LM), or
     # "random:tiny" (tiny CEPE) / "random:tiny-llama" (-qwen2, -mistral, ...) for random-init tests.
     path: str = "random:tiny"
-    # Cross-attention backend of grerank_dist.method.attention ("auto" picks the fastest exact one).
+    # Cross-attention backend of grerank_dist.method.attention ("auto" picks the fastest exact one);
+    # for decoder-only generators, the backend of the prompt/answer pass over documents and prompt.
     attention_backend: str = "auto"
+    # Decoder-only generators only (parallel-context alignment, after APE; README "The generators"):
+    # the prompt/answer tokens score a document key q.k / (sqrt(d) * T) + log-mask + log S, with
+    # T = doc_key_temperature (< 1 sharpens attention within the documents) and S =
+    # doc_attention_scale (the documents' attention mass times S against prefix and prompt).
+    # 1 and 1 leave the model as it is.
+    doc_key_temperature: float = 1.0
+    doc_attention_scale: float = 1.0
     gradient_checkpointing: bool = True
     # "auto": bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"
@@ -366,6 +375,10 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             fail(key, f"must be an integer >= {minimum}, got {value!r}")
+    for key, value in (("generator.doc_key_temperature", config.generator.doc_key_temperature),
+                       ("generator.doc_attention_scale", config.generator.doc_attention_scale)):
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            fail(key, f"must be a finite number > 0 (1 leaves the generator unchanged), got {value!r}")
     if not _is_number(t.lr) or t.lr <= 0:
         fail("train.lr", f"must be > 0, got {t.lr!r}")
     if not _is_number(t.max_grad_norm) or t.max_grad_norm < 0:

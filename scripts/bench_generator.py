@@ -14,25 +14,31 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from grerank_dist.models.cepe import CepeForCausalContextLM, tiny_cepe_config
 
 
-def paired_median_seconds(first: Callable[[], None], second: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Median times of two steps measured alternately, so load drifts hit both alike."""
-    for _ in range(3):
-        first()
-        second()
-    times: tuple[list[float], list[float]] = ([], [])
+def interleaved_median_seconds(steps: Sequence[Callable[[], None]], repeats: int, warmup: int = 3) -> list[float]:
+    """Median times of several steps measured in turn, so load drifts hit all alike."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
-        for step, bucket in ((first, times[0]), (second, times[1])):
+        for step, bucket in zip(steps, times):
             start = time.perf_counter()
             step()
             bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(bucket) for bucket in times]
+
+
+def paired_median_seconds(first: Callable[[], None], second: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Median times of two steps measured alternately."""
+    first_time, second_time = interleaved_median_seconds((first, second), repeats)
+    return first_time, second_time
 
 
 def main() -> None:

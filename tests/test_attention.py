@@ -10,6 +10,7 @@ import torch
 from grerank_dist.method.attention import (
     FOLDED_MASK_VALUE,
     available_backends,
+    backend_unavailable_reason,
     expand_doc_bias,
     masked_attention,
 )
@@ -40,8 +41,9 @@ def attention_and_grads(backend, q, k, v, bias, upstream):
     return out, grads
 
 
-def plain_attention_reference(q, k, v, bias, scale):
-    """Scalar-loop float64 softmax attention, independent of every backend."""
+def plain_attention_reference(q, k, v, bias, scale, query_mask=None):
+    """Scalar-loop float64 softmax attention, independent of every backend (``query_mask``
+    [B, 1, M, N] adds a per-query term)."""
     batch, heads, queries, head_dim = q.shape
     group = heads // k.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
@@ -49,7 +51,9 @@ def plain_attention_reference(q, k, v, bias, scale):
         for h in range(heads):
             for m in range(queries):
                 logits = [
-                    float(q[b, h, m] @ k[b, h // group, n]) * scale + float(bias[b, n]) for n in range(k.shape[2])
+                    float(q[b, h, m] @ k[b, h // group, n]) * scale + float(bias[b, n])
+                    + (0.0 if query_mask is None else float(query_mask[b, 0, m, n]))
+                    for n in range(k.shape[2])
                 ]
                 top = max(logits)
                 weights = [math.exp(x - top) for x in logits]
@@ -212,6 +216,54 @@ def test_unavailable_backend_says_why():
         masked_attention(q, k, v, bias, backend="flash")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         masked_attention(q, k, v, bias, backend="fast")
+
+
+def causal_query_mask(batch, queries, keys, dtype=torch.float32):
+    """[B, 1, M, N]: the M queries are the last M keys, each sees every earlier key and itself
+    (the decoder-only prompt over [documents, own tokens]); the dtype's lowest value elsewhere."""
+    allowed = torch.arange(keys)[None, :] <= torch.arange(keys - queries, keys)[:, None]
+    mask = torch.zeros(queries, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask.expand(batch, 1, queries, keys).clone()
+
+
+def test_query_mask_matches_a_scalar_loop_reference():
+    q, k, v, bias = make_inputs(2, 4, 2, 3, 9, 5, dtype=torch.float64, seed=13)
+    query_mask = causal_query_mask(2, 3, 9, torch.float64)
+    expected = plain_attention_reference(q, k, v, bias, 0.41, query_mask)
+    assert not torch.allclose(expected, plain_attention_reference(q, k, v, bias, 0.41), atol=1e-3)  # the mask matters
+    for backend in available_backends(CPU, torch.float64, requires_grad=False, query_mask=True):
+        out = masked_attention(q, k, v, bias, backend=backend, scale=0.41, query_mask=query_mask)
+        torch.testing.assert_close(out, expected, msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("backend", available_backends(CPU, torch.float32, requires_grad=True, query_mask=True))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_query_mask_backend_matches_eager_in_output_and_gradients(backend, shape):
+    q, k, v, bias = make_inputs(*shape, seed=sum(shape) + 1)
+    query_mask = causal_query_mask(shape[0], shape[3], shape[4])
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(name):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = masked_attention(*leaves, backend=name, query_mask=query_mask)
+        return out, torch.autograd.grad(out, leaves, upstream)
+
+    (expected_out, expected_grads), (out, grads) = run("eager"), run(backend)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    for name, grad, expected in zip(("q", "k", "v", "key_bias"), grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_query_mask_inputs_are_checked():
+    q, k, v, bias = make_inputs(4, 2, 2, 3, 5, 8)
+    query_mask = causal_query_mask(4, 3, 5)
+    with pytest.raises(ValueError, match=r"query_mask must be \[B, 1, M, N\]"):
+        masked_attention(q, k, v, bias, backend="eager", query_mask=query_mask[:, :, :2])
+    with pytest.raises(ValueError, match="one row of keys per query row"):
+        masked_attention(q, k[:2], v[:2], bias, backend="eager", query_mask=query_mask)
+    reason = backend_unavailable_reason("flash", "cuda", torch.bfloat16, True, query_mask=True)
+    assert reason is not None and "no per-query mask" in reason
+    assert "flash" not in available_backends("cuda", torch.bfloat16, True, query_mask=True)
 
 
 def test_expand_doc_bias_hand_computed():

@@ -32,6 +32,13 @@ def test_overrides_and_defaults(tmp_path):
     assert config.reranker.lora.r == 4 and config.reranker.lora.alpha == 16
 
 
+def test_parallel_context_alignment_defaults_to_no_change():
+    config = load_config(None)
+    assert (config.generator.doc_key_temperature, config.generator.doc_attention_scale) == (1.0, 1.0)
+    config = load_config(None, ["generator.doc_key_temperature=0.5", "generator.doc_attention_scale=2"])
+    assert (config.generator.doc_key_temperature, config.generator.doc_attention_scale) == (0.5, 2.0)
+
+
 @pytest.mark.parametrize(
     "text, overrides, needle",
     [
@@ -53,6 +60,10 @@ def test_overrides_and_defaults(tmp_path):
         ("", ["train.lr=[1]"], "train.lr: expected float"),
         ("relax: [1, 2]\n", [], "relax: expected a mapping"),
         ("", ["relax.k"], "expected key.sub=value"),
+        ("", ["generator.doc_key_temperature=0"], "generator.doc_key_temperature: must be a finite number > 0"),
+        ("", ["generator.doc_attention_scale=-2"], "generator.doc_attention_scale: must be a finite number > 0"),
+        ("", ["generator.doc_attention_scale=.inf"], "generator.doc_attention_scale: must be a finite number > 0"),
+        ("", ["generator.doc_key_temperature=hot"], "generator.doc_key_temperature: expected float, got 'hot'"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, needle):

@@ -1,31 +1,48 @@
 """Decoder-only LMs in parallel-context mode against the plain model's own forward and generate.
 
-Architectures covered: Llama, Qwen2 (q/k/v biases) and Mistral, each a tiny random model.
+Architectures covered: Llama, Qwen2 (q/k/v biases) and Mistral, each a tiny random model. The
+properties that hold for any parallel-context alignment (T, S) run at the default and at
+another, and every prompt/answer attention backend is held against eager.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from grerank_dist.config import DataConfig
+from grerank_dist.config import DataConfig, GeneratorConfig
 from grerank_dist.data.collate import Collator
-from grerank_dist.models import load_generator
+from grerank_dist.method.attention import available_backends
+from grerank_dist.models import configure_generator, load_generator
 from grerank_dist.models.decoder_only import DecoderOnlyGenerator, decoder_input_format
 
 ARCHS = ("llama", "qwen2", "mistral")  # every property below
 ALL_ARCHS = (*ARCHS, "qwen3", "gemma")  # the equivalence with the plain model
+# (doc_key_temperature T, doc_attention_scale S): the default (no change) and both changed.
+ALIGNMENTS = [(1.0, 1.0), (0.6, 2.5)]
+CPU = torch.device("cpu")
+# Prompt/answer backends besides eager that train on CPU (sdpa, folded), and those that only infer (flex).
+FUSED = [b for b in available_backends(CPU, torch.float32, requires_grad=True, query_mask=True) if b != "eager"]
+INFERENCE_ONLY = [b for b in available_backends(CPU, torch.float32, requires_grad=False, query_mask=True)
+                  if b not in FUSED and b != "eager"]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
-def _generator(arch: str, instruction: str = "answer the question", dtype: torch.dtype = torch.float32) -> DecoderOnlyGenerator:
+def _generator(
+    arch: str, instruction: str = "answer the question", dtype: torch.dtype = torch.float32,
+    alignment: tuple[float, float] = (1.0, 1.0),
+) -> DecoderOnlyGenerator:
     data = DataConfig(instruction=instruction)
     model, _ = load_generator(f"random:tiny-{arch}", [" ".join(WORDS)], seed=0, dtype=dtype, data=data)
+    model.set_context_alignment(*alignment)
     return model
 
 
@@ -85,9 +102,10 @@ def _batch(gen: DecoderOnlyGenerator, n: int = 4, batch: int = 2) -> tuple:
     return gen.encode_contexts(docs, masks), docs, masks, seq, mask, labels
 
 
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch: str) -> None:
-    gen = _generator(arch)
+def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch: str, alignment: tuple[float, float]) -> None:
+    gen = _generator(arch, alignment=alignment)
     contexts, docs, masks, seq, mask, labels = _batch(gen)
     keep = torch.tensor([[True, False, True, False], [False, True, True, True]])
     log_mask = torch.zeros(2, 4).masked_fill(~keep, float("-inf"))
@@ -106,11 +124,12 @@ def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch
     torch.testing.assert_close(shifted, masked, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS[:2])
-def test_log_mask_gradient_matches_finite_differences(arch: str) -> None:
+def test_log_mask_gradient_matches_finite_differences(arch: str, alignment: tuple[float, float]) -> None:
     # fp64, but transformers' RMSNorm computes in fp32 (~1e-7 relative): central differences
     # with a step of 1e-2 keep both their truncation and that rounding near 1e-5.
-    gen = _generator(arch).double()
+    gen = _generator(arch, alignment=alignment).double()
     contexts, _, _, seq, mask, labels = _batch(gen, n=3)
     log_mask = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
@@ -146,9 +165,10 @@ def test_gradient_checkpointing_gives_the_same_gradient(arch: str) -> None:
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str) -> None:
-    gen = _generator(arch)
+def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str, alignment: tuple[float, float]) -> None:
+    gen = _generator(arch, alignment=alignment)
     contexts, _, _, seq, mask, labels = _batch(gen)
     masks = torch.randn(2, 3, 4)
     masks[:, 1, 2] = float("-inf")
@@ -170,6 +190,129 @@ def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str) -
     for j in range(3):
         one = gen.generate(contexts, prompts, prompt_mask, masks[:, j], max_new_tokens=5, pad_token_id=3)
         assert one.tolist() == cached[:, j, : one.shape[1]].tolist()
+
+
+REFERENCE_ATTENTION = "grerank_test_explicit_scores"
+
+
+def _explicit_scores_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, layout=None, **kwargs):
+    """The reference: one eager softmax per head over q.k * scaling * logit_scale + bias, both
+    [T, T] matrices written out by the test (the model's own mask is not used)."""
+    logit_scale, bias = layout
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling * logit_scale + bias
+    return torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).contiguous(), None
+
+
+ALL_ATTENTION_FUNCTIONS.register(REFERENCE_ATTENTION, _explicit_scores_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(REFERENCE_ATTENTION, eager_mask)
+
+
+def _explicit_layout(prefix_len: int, n_docs: int, doc_len: int, seq_len: int, log_mask: torch.Tensor,
+                     temperature: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Position ids, logit scales and biases of [prefix | doc_1 ... doc_n | prompt + answer] as one
+    sequence: the prefix causal; each document sees the prefix and itself causally at positions
+    P..P+L-1; the prompt/answer tokens see the prefix, every document with the README's formula
+    (scores / T, bias log m_i - max log m + log S) and themselves causally, from position P+L."""
+    docs_end = prefix_len + n_docs * doc_len
+    total = docs_end + seq_len
+    logit_scale, bias = torch.ones(total, total), torch.full((total, total), float("-inf"))
+    causal = torch.ones(total, total).tril().bool()
+    bias[:prefix_len, :prefix_len][causal[:prefix_len, :prefix_len]] = 0.0
+    positions = [*range(prefix_len)]
+    for i in range(n_docs):
+        rows = slice(prefix_len + i * doc_len, prefix_len + (i + 1) * doc_len)
+        bias[rows, :prefix_len] = 0.0
+        bias[rows, rows][causal[:doc_len, :doc_len]] = 0.0
+        positions += range(prefix_len, prefix_len + doc_len)
+    shifted = log_mask - log_mask.max()
+    bias[docs_end:, :prefix_len] = 0.0
+    for i in range(n_docs):
+        cols = slice(prefix_len + i * doc_len, prefix_len + (i + 1) * doc_len)
+        bias[docs_end:, cols] = float(shifted[i]) + math.log(scale)
+        logit_scale[docs_end:, cols] = 1.0 / temperature
+    bias[docs_end:, docs_end:][causal[:seq_len, :seq_len]] = 0.0
+    positions += range(prefix_len + doc_len, prefix_len + doc_len + seq_len)
+    return torch.tensor([positions]), logit_scale, bias
+
+
+@pytest.mark.parametrize("alignment", [(0.6, 2.5), (1.5, 0.4)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alignment_equals_explicit_scores_on_the_plain_model(arch: str, alignment: tuple[float, float]) -> None:
+    """Three documents under a soft mask at T, S != 1, on every backend, against the plain model
+    run over the whole layout as one sequence with the README's scores written out per head."""
+    temperature, scale = alignment
+    gen = _generator(arch, alignment=alignment)
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(gen.lm.config), attn_implementation=REFERENCE_ATTENTION)
+    reference.load_state_dict(gen.lm.state_dict())
+    reference.eval()
+    docs = [_ids("beta", "gamma", "delta"), _ids("pi", "rho", "kappa"), _ids("mu", "nu", "xi")]
+    prompt, answer = _ids("eta", "theta"), _ids("iota", "mu", "sigma")
+    log_mask = torch.tensor([-0.3, -1.2, 0.4])
+    positions, logit_scale, bias = _explicit_layout(len(gen.prefix_ids), 3, 3, len(prompt + answer), log_mask, temperature, scale)
+    full = torch.tensor([gen.prefix_ids + sum(docs, []) + prompt + answer])
+    with torch.no_grad():
+        logits = reference(full, position_ids=positions, layout=(logit_scale, bias)).logits.float().log_softmax(-1)
+    start = full.shape[1] - len(answer)
+    expected = logits[0, start - 1 : -1].gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+    contexts = gen.encode_contexts(torch.tensor([docs]), torch.ones(1, 3, 3, dtype=torch.long))
+    seq = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    for backend in ("eager", *FUSED):
+        gen.config.cross_attn_backend = backend
+        got = gen.answer_logprobs(contexts, seq, torch.ones_like(seq), labels, log_mask[None]).token_logprobs
+        torch.testing.assert_close(got[0, len(prompt) :], expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_backends_equal_eager_in_outputs_gradients_and_generation(arch: str, alignment: tuple[float, float]) -> None:
+    gen = _generator(arch, alignment=alignment)
+    contexts, _, _, seq, mask, labels = _batch(gen)
+    masks = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
+    masks[:, 1, 2] = float("-inf")
+    prompts = torch.tensor([[3] + _ids("eta", "theta"), _ids("pi", "rho", "sigma")])  # left-padded
+    results = {}
+    for backend in ("eager", *FUSED):
+        gen.config.cross_attn_backend = backend
+        point = masks.clone().requires_grad_(True)
+        out = gen.answer_logprobs(contexts, seq, mask, labels, point)
+        (grad,) = torch.autograd.grad(-(out.sum()).sum(), point)
+        tokens = gen.generate(contexts, prompts, (prompts != 3).long(), masks, max_new_tokens=4, stop_token_ids=[], pad_token_id=3)
+        results[backend] = (out.token_logprobs.detach(), grad, tokens)
+    eager_logprobs, eager_grad, eager_tokens = results["eager"]
+    assert eager_grad.abs().max() > 1e-3 and bool((eager_grad[:, 1, 2] == 0).all())
+    for backend in FUSED:
+        logprobs, grad, tokens = results[backend]
+        torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+        torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend} d(log-mask): {m}")
+        assert tokens.tolist() == eager_tokens.tolist(), backend
+    for backend in INFERENCE_ONLY:
+        gen.config.cross_attn_backend = backend
+        with torch.no_grad():
+            logprobs = gen.answer_logprobs(contexts, seq, mask, labels, masks).token_logprobs
+        torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def test_alignment_and_backend_settings_are_checked() -> None:
+    gen = _generator("llama")
+    configure_generator(gen, GeneratorConfig(doc_key_temperature=0.5, doc_attention_scale=3.0, attention_backend="sdpa"))
+    assert (gen.doc_key_temperature, gen.doc_attention_scale, gen.config.cross_attn_backend) == (0.5, 3.0, "sdpa")
+    with pytest.raises(ValueError, match="generator.doc_attention_scale must be a finite number > 0"):
+        gen.set_context_alignment(1.0, 0.0)
+    contexts, _, _, seq, mask, labels = _batch(gen)
+    log_mask = torch.zeros(2, 4, requires_grad=True)
+    gen.config.cross_attn_backend = "fast"
+    with pytest.raises(ValueError, match="generator.attention_backend: .*unknown backend 'fast'"):
+        gen.answer_logprobs(contexts, seq, mask, labels, log_mask)
+    gen.config.cross_attn_backend = "flex"
+    with pytest.raises(ValueError, match="generator.attention_backend: .*flex_attention has no backward on CPU"):
+        gen.answer_logprobs(contexts, seq, mask, labels, log_mask)
+    cepe, _ = load_generator("random:tiny", [" ".join(WORDS)])
+    configure_generator(cepe, GeneratorConfig(attention_backend="eager"))  # the defaults apply to any family
+    with pytest.raises(ValueError, match="apply to decoder-only generators only"):
+        configure_generator(cepe, GeneratorConfig(doc_attention_scale=2.0))
 
 
 def test_collator_uses_the_generator_format() -> None:

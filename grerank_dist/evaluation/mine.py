@@ -31,7 +31,7 @@ from grerank_dist.interface import Batch
 from grerank_dist.evaluation.evaluate import table_columns
 from grerank_dist.interface import EncodedContexts, ParallelContextGenerator
 from grerank_dist.method.metrics import aggregate_metrics, gold_labels, metrics_table_markdown, rank_by_scores, retrieval_query_metrics
-from grerank_dist.models import RANDOM_PREFIX, load_generator
+from grerank_dist.models import RANDOM_PREFIX, configure_generator, load_generator
 from grerank_dist.method.objectives import answer_under_masks, leave_one_out_masks, single_document_masks
 from grerank_dist.method.relax import gumbel_attention_mask, noise_generator
 
@@ -94,6 +94,7 @@ def load_generator_and_collator(config: TrainConfig, records: list[dict[str, Any
 
         texts = record_texts(records, config)
     generator, tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed, data=config.data)
+    configure_generator(generator, config.generator)
     collate = Collator(
         config.data, tokenizer, None, config.reranker.max_length, seed=config.seed, input_format=generator.input_format
     )

@@ -8,7 +8,11 @@ computes exactly
     out = softmax(q @ k^T * scale + key_bias[:, None, None, :]) @ v
 
 and is differentiable w.r.t. q, k, v and key_bias. The bias is per batch row and per key: it is
-broadcast over heads and query positions. The attention is non-causal (cross-attention).
+broadcast over heads and query positions. The attention is non-causal (cross-attention), unless
+a constant ``query_mask`` [B, 1, M, N] is also added to the logits: what depends on the query
+position, such as a decoder's causal mask over its own tokens when they are keys beside the
+documents (:mod:`grerank_dist.models.decoder_only`). It is a constant (no gradient), so the
+folded backend hands it to the fused kernel as its mask while the bias travels in the channel.
 
 Backends:
 
@@ -19,7 +23,8 @@ Backends:
   (SDPA without a mask) still computes it; see :func:`_fold_bias_into_head_dim`.
 - ``flex``: :func:`torch.nn.attention.flex_attention.flex_attention` with a ``score_mod`` adding
   the bias. It has no backward on CPU, so on CPU it is offered only when no gradient is needed.
-- ``flash``: the ``flash_attn`` package (CUDA, fp16/bf16) through the folded channel.
+- ``flash``: the ``flash_attn`` package (CUDA, fp16/bf16) through the folded channel (it takes
+  no ``query_mask``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "check_key_bias",
     "expand_doc_bias",
     "masked_attention",
+    "resolve_backend",
 ]
 
 BACKENDS: tuple[str, ...] = ("eager", "sdpa", "folded", "flex", "flash")
@@ -108,12 +114,14 @@ def _flex_attention_importable() -> bool:
 
 
 def backend_unavailable_reason(
-    backend: str, device: torch.device | str, dtype: torch.dtype, requires_grad: bool
+    backend: str, device: torch.device | str, dtype: torch.dtype, requires_grad: bool, query_mask: bool = False
 ) -> str | None:
-    """Why ``backend`` cannot run for these inputs, or None if it can."""
+    """Why ``backend`` cannot run for these inputs (with a per-query mask if ``query_mask``), or None if it can."""
     device_type = torch.device(device).type
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+    if backend == "flash" and query_mask:
+        return "flash_attn takes no per-query mask (a causal mask over the prompt's own keys); use 'folded' or 'sdpa'"
     if backend == "flex":
         if not _flex_attention_importable():
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
@@ -130,13 +138,30 @@ def backend_unavailable_reason(
 
 
 def available_backends(
-    device: torch.device | str, dtype: torch.dtype, requires_grad: bool
+    device: torch.device | str, dtype: torch.dtype, requires_grad: bool, query_mask: bool = False
 ) -> list[str]:
     """Backends that can run (forward, and backward when ``requires_grad``) for these inputs."""
-    return [name for name in BACKENDS if backend_unavailable_reason(name, device, dtype, requires_grad) is None]
+    return [name for name in BACKENDS if backend_unavailable_reason(name, device, dtype, requires_grad, query_mask) is None]
 
 
-def _auto_backend(device: torch.device, dtype: torch.dtype, requires_grad: bool) -> str:
+def resolve_backend(
+    backend: str, device: torch.device | str, dtype: torch.dtype, requires_grad: bool, query_mask: bool = False
+) -> str:
+    """The backend that will run: ``backend`` itself, or the fastest exact one for "auto".
+
+    Raises:
+        ValueError: ``backend`` cannot run for these inputs (the message says why).
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        backend = _auto_backend(device, dtype, requires_grad, query_mask)
+    reason = backend_unavailable_reason(backend, device, dtype, requires_grad, query_mask)
+    if reason is not None:
+        raise ValueError(f"attention backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def _auto_backend(device: torch.device, dtype: torch.dtype, requires_grad: bool, query_mask: bool) -> str:
     """Fastest exact backend for the device.
 
     CPU (scripts/bench_attention.py, 1-2 threads, CEPE-like shapes): SDPA with a float mask is the
@@ -150,12 +175,18 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, requires_grad: bool)
         preference = ("flash", "folded", "sdpa") if half else ("sdpa",)
     else:
         preference = ("eager",) if requires_grad else ("sdpa",)
-    usable = available_backends(device, dtype, requires_grad)
+    usable = available_backends(device, dtype, requires_grad, query_mask)
     return next((name for name in preference if name in usable), "eager")
 
 
-def _eager_attention(q, k, v, key_bias, scale):
-    return _eager_with_bias(q, k, v, key_bias[:, None, None, :], scale)
+def _logit_bias(key_bias, query_mask):
+    """The per-key bias [B, N] as a bias broadcastable to the logits, plus the query mask if any."""
+    bias = key_bias[:, None, None, :]
+    return bias if query_mask is None else bias + query_mask
+
+
+def _eager_attention(q, k, v, key_bias, scale, query_mask=None):
+    return _eager_with_bias(q, k, v, _logit_bias(key_bias, query_mask), scale)
 
 
 def _eager_with_bias(q, k, v, bias, scale):
@@ -166,8 +197,8 @@ def _eager_with_bias(q, k, v, bias, scale):
     return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
 
 
-def _sdpa_attention(q, k, v, key_bias, scale):
-    return _sdpa_with_bias(q, k, v, key_bias[:, None, None, :], scale)
+def _sdpa_attention(q, k, v, key_bias, scale, query_mask=None):
+    return _sdpa_with_bias(q, k, v, _logit_bias(key_bias, query_mask), scale)
 
 
 def _sdpa_with_bias(q, k, v, bias, scale):
@@ -225,13 +256,14 @@ def _fold_bias_into_head_dim(q, k, v, key_bias, scale):
     return q_folded, k_folded, v_folded
 
 
-def _folded_attention(q, k, v, key_bias, scale):
+def _folded_attention(q, k, v, key_bias, scale, query_mask=None):
     q_f, k_f, v_f = _fold_bias_into_head_dim(q, k, v, key_bias, scale)
-    out = F.scaled_dot_product_attention(q_f, k_f, v_f, scale=scale)
+    mask = None if query_mask is None else query_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q_f, k_f, v_f, attn_mask=mask, scale=scale)
     return out[..., : q.shape[-1]]
 
 
-def _flash_attention(q, k, v, key_bias, scale):
+def _flash_attention(q, k, v, key_bias, scale, query_mask=None):  # query_mask: refused before (None)
     from flash_attn import flash_attn_func  # optional dependency, checked by backend_unavailable_reason
 
     q_f, k_f, v_f = _fold_bias_into_head_dim(q, k, v, key_bias, scale)
@@ -266,11 +298,13 @@ def _flex_attention_unfused(*args, **kwargs) -> torch.Tensor:
         return flex_attention(*args, **kwargs)
 
 
-def _flex_attention(q, k, v, key_bias, scale):
+def _flex_attention(q, k, v, key_bias, scale, query_mask=None):
     bias = key_bias.to(torch.float32)
+    mask = None if query_mask is None else query_mask.to(torch.float32)
 
     def add_key_bias(score, batch_idx, head_idx, query_idx, key_idx):
-        return score + bias[batch_idx, key_idx]
+        score = score + bias[batch_idx, key_idx]
+        return score if mask is None else score + mask[batch_idx, 0, query_idx, key_idx]
 
     attend = _flex_attention_fn(q.device.type)
     if not torch.is_grad_enabled():
@@ -288,7 +322,9 @@ _BACKEND_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, query_mask: torch.Tensor | None
+) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D [B, H, M, D] / [B, Hkv, N, D]; got shapes "
@@ -310,6 +346,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: t
         raise ValueError(f"key_bias must be a float tensor, got {key_bias.dtype}")
     if k.shape[2] == 0:
         raise ValueError("attention over zero keys: k has N = 0")
+    if query_mask is not None:
+        if query_mask.shape != (batch, 1, q.shape[2], k.shape[2]):
+            raise ValueError(f"query_mask must be [B, 1, M, N] = {(batch, 1, q.shape[2], k.shape[2])}, got {tuple(query_mask.shape)}")
+        if k.shape[0] != batch:
+            raise ValueError("a query_mask needs one row of keys per query row (keys shared by m masks take none)")
 
 
 def check_key_bias(key_bias: torch.Tensor) -> None:
@@ -336,8 +377,10 @@ def masked_attention(
     backend: str = "auto",
     scale: float | None = None,
     check_bias: bool = True,
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Non-causal attention with a per-key additive bias, broadcast over heads and queries.
+    """Attention with a per-key additive bias, broadcast over heads and queries (non-causal
+    unless ``query_mask`` says otherwise).
 
     Args:
         q: [B, H, M, D] queries.
@@ -349,6 +392,9 @@ def masked_attention(
         backend: one of :data:`BACKENDS` or "auto" (fastest exact backend for the device).
         scale: logit scale; defaults to 1/sqrt(D).
         check_bias: validate the bias values (see :func:`check_key_bias`); shapes are always checked.
+        query_mask: optional [B, 1, M, N] constant additive mask (0 / a large negative value) that
+            may differ per query position, such as a causal mask; broadcast over heads, added to
+            the logits with ``key_bias``. Keys must then have B rows. Not for the flash backend.
 
     Returns:
         [B, H, M, D] in q's dtype.
@@ -357,26 +403,29 @@ def masked_attention(
         ValueError: bad shapes, NaN/+inf bias, a batch row whose keys are all -inf, or a backend that
             cannot run here (the message says why).
     """
-    _check_inputs(q, k, v, key_bias)
+    _check_inputs(q, k, v, key_bias, query_mask)
     if check_bias:
         check_key_bias(key_bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_bias))
     shared_kv = k.shape[0] != q.shape[0]
+    has_mask = query_mask is not None
     if backend == "auto":
-        backend = _auto_backend(q.device, q.dtype, requires_grad)
+        backend = _auto_backend(q.device, q.dtype, requires_grad, has_mask)
         if shared_kv and backend in ("flash", "folded"):
             backend = "sdpa"  # their bias channel lives in the keys, which would need a copy per mask
-    reason = backend_unavailable_reason(backend, q.device, q.dtype, requires_grad)
-    if reason is not None:
-        raise ValueError(f"attention backend {backend!r} is unavailable: {reason}")
+    backend = resolve_backend(backend, q.device, q.dtype, requires_grad, has_mask)
     batch, n_heads, n_queries, head_dim = q.shape
-    n_kv_heads = k.shape[1]
+    n_kv_heads, group = k.shape[1], n_heads // k.shape[1]
     # The bias depends on neither head nor query, so the query heads sharing a kv head can be
-    # stacked as extra query rows: grouped-query attention without copying k and v.
-    grouped_q = q.reshape(batch, n_kv_heads, (n_heads // n_kv_heads) * n_queries, head_dim)
+    # stacked as extra query rows: grouped-query attention without copying k and v (a query
+    # mask, small beside k and v, is tiled over the group's heads to follow them).
+    grouped_q = q.reshape(batch, n_kv_heads, group * n_queries, head_dim)
     if shared_kv:
         out = _shared_kv_attention(backend, grouped_q, k, v, key_bias, scale)
     else:
-        out = _BACKEND_FUNCTIONS[backend](grouped_q, k, v, key_bias, scale)
+        if has_mask:
+            query_mask = query_mask[:, :, None].expand(batch, 1, group, n_queries, k.shape[2])
+            query_mask = query_mask.reshape(batch, 1, group * n_queries, k.shape[2])
+        out = _BACKEND_FUNCTIONS[backend](grouped_q, k, v, key_bias, scale, query_mask)
     return out.reshape(batch, n_heads, n_queries, head_dim)

@@ -12,11 +12,14 @@ import importlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from grerank_dist.interface import GeneratorFamily
+
+if TYPE_CHECKING:
+    from grerank_dist.config import GeneratorConfig
 
 RANDOM_PREFIX = "random:"
 # Tried in order: the first family that accepts a checkpoint's config.json loads it.
@@ -81,3 +84,20 @@ def load_generator(
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def configure_generator(model: torch.nn.Module, settings: GeneratorConfig) -> None:
+    """Apply the generator section's attention settings to a loaded generator: the attention
+    backend, and a decoder-only model's parallel-context alignment, which other families refuse
+    rather than silently ignore."""
+    from grerank_dist.models.decoder_only import DecoderOnlyGenerator
+
+    model.config.cross_attn_backend = settings.attention_backend
+    alignment = (settings.doc_key_temperature, settings.doc_attention_scale)
+    if isinstance(model, DecoderOnlyGenerator):
+        model.set_context_alignment(*alignment)
+    elif alignment != (1.0, 1.0):
+        raise ValueError(
+            f"generator.doc_key_temperature and generator.doc_attention_scale apply to decoder-only generators only; "
+            f"{settings.path!r} is a {type(model).__name__} (leave both at 1)"
+        )

@@ -13,17 +13,52 @@ Layout of one query with n candidates (positions in brackets)::
   causally; their positions continue at P+L. Each row's log-mask is first shifted so that its
   largest value is 0: log-masks then mean the same up to a constant, as for CEPE and FiD.
 
+Parallel-context alignment (``generator.doc_key_temperature`` T, ``generator.doc_attention_scale``
+S; both 1 by default, which skips them): a prompt/answer query scores
+
+    prefix key p:       q.k_p / sqrt(d)
+    document key j:     q.k_j / (sqrt(d) T) + log m_i(j) - max_i log m_i + log S
+    own key t <= query: q.k_t / sqrt(d)
+
+and one softmax runs over all of them. T < 1 sharpens the attention within the documents;
+S multiplies the documents' unnormalised attention mass against the prefix's and the
+prompt's own (log S is added after the row shift, so a constant log-mask is still no mask and
+S is the weight of the strongest document); a mask m_i still multiplies its document's weights,
+0 still removes it, and the mask gradient is that of an additive bias.
+
+APE (Yang, Chen, Chen, ICLR 2025; shared prefix, attention temperature, scaling factor), as its
+public eager code reads, splits the contexts' keys j by softmax(s_j / T), s_j = q.k_j / sqrt(d),
+as here, but gives them together the logit T * logsumexp_j(s_j / T) + log S against the prefix
+and the query's own keys: equal to this at T = 1 (S is then APE's scaling factor exactly). For
+T != 1 APE's group logit stays within [max s, max s + T log N], so T barely moves the contexts'
+share, while here each document key's weight also changes by exp(s_j (1/T - 1)), so their share
+follows the scores' size (re-tune S with T). APE's form needs each query's log-sum-exp over the
+documents, which no per-key bias carries; this one is a key scale plus a bias, which every
+attention backend computes with the mask's gradient, fused kernels included.
+
 Everything goes through transformers' attention interface: the model runs with the attention
 function registered here (:data:`ATTENTION_NAME`), which receives the documents' keys, values
 and bias through the forward's keyword arguments and falls back to SDPA when there are none
 (the pre-fill). No modeling file is forked, so Llama, Qwen2/Qwen3, Mistral and Gemma work
 without per-model code (tests cover Llama, Qwen2 and Mistral). The documents' keys are computed
-once per query and shared (broadcast, never copied) by the m masks of that query.
+once per query.
+
+The prompt/answer pass runs on ``config.cross_attn_backend`` (the run's
+``generator.attention_backend``). ``eager`` is the hand-written softmax below, which shares one
+copy of a query's document keys among its m masks (broadcast, never copied). ``sdpa``,
+``folded`` and ``flex`` (inference only on CPU) go through
+:func:`grerank_dist.method.attention.masked_attention` over [prefix + documents, own tokens]
+with the causal mask as its ``query_mask``, keys and values concatenated per row. ``auto`` is
+eager: on CPU the others are slower (``scripts/bench_decoder_only.py --backends``; PyTorch's CPU
+SDPA takes a differentiable mask only on its unfused math path, and the folded channel's fused
+kernel pays for the per-row key copies, a head dimension padded to a multiple of 8 and a full dK
+computed for one channel's gradient), and on GPU they have not been measured yet.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,7 +71,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from grerank_dist.method.attention import check_key_bias, expand_doc_bias
+from grerank_dist.method.attention import check_key_bias, expand_doc_bias, masked_attention, resolve_backend
 from grerank_dist.interface import (
     AnswerLogProbs,
     EncodedContexts,
@@ -88,7 +123,9 @@ class _ParallelKeys:
     """What the registered attention function reads from the forward's keyword arguments."""
 
     contexts: DecoderContexts
-    key_bias: torch.Tensor  # [R, P + n*L], R = B*m rows (m masks per query, consecutive)
+    key_bias: torch.Tensor  # [R, P + n*L], R = B*m rows (m masks per query, consecutive); log S included
+    backend: str = "eager"  # the prompt/answer pass's attention backend, resolved (never "auto")
+    temperature: float = 1.0  # T, on the document keys' scores (not the prefix's)
     # document_attention_mass only: weight [R, S] of each query position, value-norm weighting,
     # and the per-layer [R, P + n*L] key masses it collects.
     mass_queries: torch.Tensor | None = None
@@ -111,9 +148,11 @@ def parallel_context_attention(
 
     ``query`` [R, H, S, D]; ``key``/``value`` [R, Hkv, K, D] the rows' own (cached) tokens;
     ``attention_mask`` [R, 1, S, K] additive. One softmax in fp32 (fp64 stays fp64) over both key
-    sets. The documents' keys [B, Hkv, N, D] are broadcast over each query's m rows by
-    reshaping the queries, not by copying keys. Without ``parallel_keys`` (the pre-fill) this is
-    transformers' SDPA. Returns [R, S, H, D] as every attention function does.
+    sets, with the log-mask bias and T on the documents' keys. Eager (also for
+    ``document_attention_mass``, which reads the probabilities): the documents' keys
+    [B, Hkv, N, D] are broadcast over each query's m rows by reshaping the queries, not by
+    copying keys; other backends: :func:`_fused_attention`. Without ``parallel_keys`` (the
+    pre-fill) this is transformers' SDPA. Returns [R, S, H, D] as every attention function does.
     """
     if parallel_keys is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -126,16 +165,22 @@ def parallel_context_attention(
             f"(prefix + document width + prompt = {parallel_keys.contexts.prompt_start + key.shape[2]} positions)"
         )
     doc_k, doc_v = parallel_keys.contexts.layer(module.layer_idx)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if parallel_keys.backend != "eager" and parallel_keys.masses is None:
+        return _fused_attention(query, key, value, attention_mask, doc_k, doc_v, scale, parallel_keys)
     rows, n_heads, q_len, head_dim = query.shape
     batch, n_kv, n_doc_keys, _ = doc_k.shape
     per_query, group = rows // batch, n_heads // n_kv
     compute = torch.promote_types(query.dtype, torch.float32)
-    scale = head_dim**-0.5 if scaling is None else scaling
     q = query.to(compute)
     # Documents: [B, Hkv, m*g*S, D] queries against [B, Hkv, N, D] keys shared by the m rows.
     q_docs = q.reshape(batch, per_query, n_kv, group * q_len, head_dim).transpose(1, 2)
     doc_scores = torch.matmul(q_docs.reshape(batch, n_kv, per_query * group * q_len, head_dim), doc_k.to(compute).transpose(-1, -2))
-    doc_scores = doc_scores.reshape(batch, n_kv, per_query, group * q_len, n_doc_keys) * scale
+    doc_scale = scale
+    if parallel_keys.temperature != 1.0:  # one logit scale per key: the prefix's 1/sqrt(d), the documents' 1/(sqrt(d) T)
+        doc_scale = doc_scores.new_full((n_doc_keys,), scale)
+        doc_scale[parallel_keys.contexts.prefix_len :] = scale / parallel_keys.temperature
+    doc_scores = doc_scores.reshape(batch, n_kv, per_query, group * q_len, n_doc_keys) * doc_scale
     bias = parallel_keys.key_bias.to(compute).reshape(batch, 1, per_query, 1, n_doc_keys)
     doc_scores = (doc_scores + bias).transpose(1, 2).reshape(rows, n_kv, group * q_len, n_doc_keys)
     # Own tokens: grouped heads as extra query rows, causal/padding mask per row.
@@ -152,6 +197,40 @@ def parallel_context_attention(
     doc_out = doc_out.reshape(batch, n_kv, per_query, group * q_len, head_dim).transpose(1, 2)
     out = doc_out.reshape(rows, n_kv, group * q_len, head_dim) + torch.matmul(own_probs, value.to(compute))
     out = out.reshape(rows, n_heads, q_len, head_dim).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    doc_k: torch.Tensor,
+    doc_v: torch.Tensor,
+    scale: float,
+    parallel_keys: _ParallelKeys,
+) -> tuple[torch.Tensor, None]:
+    """The same attention as the eager path through :func:`masked_attention`: keys [prefix +
+    documents, own tokens] per row, the log-mask as its per-key bias (0 on the prefix and own
+    keys), the causal/padding mask as its query mask, T applied by dividing the document keys."""
+    rows, q_len, own_len = query.shape[0], query.shape[2], key.shape[2]
+    batch, n_doc_keys = doc_k.shape[0], doc_k.shape[2]
+    if parallel_keys.temperature != 1.0:
+        prefix_len = parallel_keys.contexts.prefix_len
+        doc_k = torch.cat([doc_k[:, :, :prefix_len], doc_k[:, :, prefix_len:] / parallel_keys.temperature], dim=2)
+
+    def per_row(tensor: torch.Tensor) -> torch.Tensor:  # a query's keys for each of its m rows (a view when m = 1)
+        return tensor[:, None].expand(batch, rows // batch, *tensor.shape[1:]).reshape(rows, *tensor.shape[1:])
+
+    keys = torch.cat([per_row(doc_k).to(key.dtype), key], dim=2)
+    values = torch.cat([per_row(doc_v).to(value.dtype), value], dim=2)
+    key_bias = torch.cat([parallel_keys.key_bias, parallel_keys.key_bias.new_zeros(rows, own_len)], dim=1)
+    query_mask = None
+    if attention_mask is not None:
+        query_mask = torch.cat([attention_mask.new_zeros(rows, 1, q_len, n_doc_keys), attention_mask], dim=-1)
+    out = masked_attention(
+        query, keys, values, key_bias, backend=parallel_keys.backend, scale=scale, check_bias=False, query_mask=query_mask
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -216,10 +295,14 @@ class DecoderOnlyGenerator(nn.Module):
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         lm.config._attn_implementation = ATTENTION_NAME
+        if not hasattr(lm.config, "cross_attn_backend"):
+            lm.config.cross_attn_backend = "auto"
         self.lm = lm
         self.prefix_ids = list(prefix_ids)
         self.input_format = input_format
         self.checkpoint_layers = False
+        self.doc_key_temperature = 1.0
+        self.doc_attention_scale = 1.0
         self._cache_keyword = cache_keyword(type(lm.model).forward)
         self.lm.requires_grad_(False)
         self.lm.eval()
@@ -227,6 +310,14 @@ class DecoderOnlyGenerator(nn.Module):
     @property
     def config(self) -> Any:
         return self.lm.config
+
+    def set_context_alignment(self, doc_key_temperature: float, doc_attention_scale: float) -> None:
+        """Set T and S of the prompt/answer pass (module docstring; 1 and 1 change nothing)."""
+        for name, value in (("doc_key_temperature", doc_key_temperature), ("doc_attention_scale", doc_attention_scale)):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"generator.{name} must be a finite number > 0, got {value!r}")
+        self.doc_key_temperature = float(doc_key_temperature)
+        self.doc_attention_scale = float(doc_attention_scale)
 
     def activation_checkpointing_enable(self) -> None:
         """Recompute each decoder layer of the prompt/answer pass in backward (non-reentrant, so
@@ -288,13 +379,31 @@ class DecoderOnlyGenerator(nn.Module):
         tensors, row_masks, per_query = rows_for_masks(tensors, doc_log_mask, batch, n_docs, contexts.key_padding.device)
         # A log-mask means the same up to a constant per row (as in CEPE and FiD, whose documents
         # are the only cross-attention keys): here the prefix and the prompt are keys too, so
-        # each row is shifted to give its strongest document weight 1 (log 0), like them.
+        # each row is shifted to give its strongest document weight 1 (log 0), like them. log S
+        # comes after the shift (before it, the shift would cancel it): the strongest document
+        # then weighs S, whatever the mask's constant.
         row_max = row_masks.amax(dim=-1, keepdim=True)
         row_masks = row_masks - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        if self.doc_attention_scale != 1.0:
+            row_masks = row_masks + math.log(self.doc_attention_scale)
         doc_bias = expand_doc_bias(row_masks, contexts.key_padding)
         check_key_bias(doc_bias)
         prefix_bias = doc_bias.new_zeros(doc_bias.shape[0], contexts.prefix_len)  # the prefix is no document: never masked
-        return tensors, _ParallelKeys(contexts, torch.cat([prefix_bias, doc_bias], dim=1)), per_query
+        keys = _ParallelKeys(contexts, torch.cat([prefix_bias, doc_bias], dim=1), temperature=self.doc_key_temperature)
+        keys.backend = self._backend(doc_bias)
+        return tensors, keys, per_query
+
+    def _backend(self, doc_bias: torch.Tensor) -> str:
+        """The prompt/answer pass's backend, ``config.cross_attn_backend`` ("auto": eager, module docstring)."""
+        requested = self.config.cross_attn_backend
+        if requested == "auto":
+            return "eager"
+        requires_grad = torch.is_grad_enabled() and doc_bias.requires_grad
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        try:
+            return resolve_backend(requested, doc_bias.device, dtype, requires_grad, query_mask=True)
+        except ValueError as exc:
+            raise ValueError(f"generator.attention_backend: {exc}") from exc
 
     def _hidden(
         self,

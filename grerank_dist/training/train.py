@@ -27,7 +27,7 @@ from grerank_dist.data.collate import Collator, MicroBatchSchedule
 from grerank_dist.interface import Batch
 from grerank_dist.data.dataset import Ranks, StepBatches, candidate_counts, load_records, load_tokens, step_loader
 from grerank_dist.interface import ParallelContextGenerator
-from grerank_dist.models import RANDOM_PREFIX, load_generator
+from grerank_dist.models import RANDOM_PREFIX, configure_generator, load_generator
 from grerank_dist.method.objectives import GENERATOR_FREE_OBJECTIVES, OBJECTIVES, ObjectiveOutput
 from grerank_dist.method.relax import noise_generator
 from grerank_dist.models.reranker import export_reranker, load_reranker, reranker_scores, tiny_reranker
@@ -69,7 +69,7 @@ def build_generator(
         model, tokenizer = load_generator(
             config.generator.path, vocab_texts, seed=config.generator.seed, dtype=strategy.dtype, data=config.data
         )
-    model.config.cross_attn_backend = config.generator.attention_backend
+    configure_generator(model, config.generator)
     if config.generator.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return strategy.build_generator_engine(model), tokenizer
