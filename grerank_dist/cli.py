@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-reader": ("grerank_dist.demos.reader", "train the tiny CEPE or FiD reader (generator) on synthetic records and report its SubEM"),
     "train": ("grerank_dist.training.train", "train a reranker end to end from a frozen generator (G-Rerank)"),
     "eval": ("grerank_dist.evaluation.evaluate", "evaluate rerankers in the reranker, generator or mining setting"),
+    "calibrate": ("grerank_dist.evaluation.calibrate", "pick a decoder-only generator's parallel-context alignment (T, S) by SubEM on a dev file, against sequential reading"),
     "mine": ("grerank_dist.evaluation.mine", "relevance mining (App. F): learn per-document weights per query against the scalar baselines"),
     "export": ("grerank_dist.training.export", "turn a DeepSpeed checkpoint into a loadable reranker directory"),
     "bench": ("grerank_dist.perf.bench", "time one training step by phase at a named shape, against the naive step and a bf16 generator"),

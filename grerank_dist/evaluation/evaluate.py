@@ -168,6 +168,12 @@ def clean_prediction(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def decode_answers(tokenizer: Any, tokens: torch.Tensor) -> list[str]:
+    """Generated tokens [R, T] as the answers the generator setting scores (special tokens
+    dropped, :func:`clean_prediction`)."""
+    return [clean_prediction(text) for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
 @dataclass
 class TopKAnswerer:
     """The generator setting: the frozen generator answers from each method's top-k documents."""
@@ -186,31 +192,49 @@ class TopKAnswerer:
     ) -> dict[str, list[str]]:
         """method -> one answer per record. The documents are encoded once, and each distinct
         top-k set of a query generated once, for all methods."""
+        return self.answer(*self.encode(records, record_ids), rankings)
+
+    def encode(self, records: list[dict[str, Any]], record_ids: list[int]) -> tuple[Batch, EncodedContexts]:
+        """The records' batch on the device and their encoded documents, which every answer
+        from them shares (the masks and the decoder's settings only act afterwards)."""
         batch = self.collator(records, record_ids).to(self.device)
         self.begin_pass()
-        contexts = self.generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+        return batch, self.generator.encode_contexts(batch.encoder_input_ids, batch.encoder_attention_mask)
+
+    def answer(self, batch: Batch, contexts: EncodedContexts, rankings: dict[str, list[list[int]]]) -> dict[str, list[str]]:
+        """method -> one answer per record of ``batch``, from the top k of its ranking."""
         tokens = generate_topk(
             self.generator, contexts, batch, rankings, self.k, self.max_new_tokens, self.stop_ids, self.begin_pass
         )
-        return {
-            method: [clean_prediction(t) for t in self.tokenizer.batch_decode(answer, skip_special_tokens=True)]
-            for method, answer in tokens.items()
-        }
+        return {method: decode_answers(self.tokenizer, answer) for method, answer in tokens.items()}
+
+
+def make_answerer(
+    generator: ParallelContextGenerator,
+    tokenizer: Any,
+    config: TrainConfig,
+    k: int,
+    device: torch.device,
+    begin_pass: Callable[[], None] = lambda: None,
+) -> TopKAnswerer:
+    """The generator setting's answerer over a loaded generator: its own input format, the run's
+    templates and ``generator.max_new_tokens``, stopping at EOS or a newline."""
+    return TopKAnswerer(
+        generator=generator,
+        tokenizer=tokenizer,
+        collator=Collator(config.data, tokenizer, None, config.reranker.max_length, input_format=generator.input_format),
+        k=k,
+        max_new_tokens=config.generator.max_new_tokens,
+        stop_ids=stop_token_ids(tokenizer),
+        device=device,
+        begin_pass=begin_pass,
+    )
 
 
 def build_answerer(config: TrainConfig, strategy: DeepSpeedStrategy) -> TopKAnswerer:
     """Load the generator checkpoint into its (ZeRO-3 or replicated) engine."""
     generator, tokenizer = build_generator(config, strategy)
-    return TopKAnswerer(
-        generator=generator,
-        tokenizer=tokenizer,
-        collator=Collator(config.data, tokenizer, None, config.reranker.max_length, input_format=generator.input_format),
-        k=config.relax.k,
-        max_new_tokens=config.generator.max_new_tokens,
-        stop_ids=stop_token_ids(tokenizer),
-        device=strategy.device,
-        begin_pass=strategy.begin_generator_step,
-    )
+    return make_answerer(generator, tokenizer, config, config.relax.k, strategy.device, strategy.begin_generator_step)
 
 
 # --------------------------------------------------------------------------- evaluation

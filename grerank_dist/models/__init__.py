@@ -43,6 +43,28 @@ def _read_config(path: str) -> dict[str, Any]:
     return raw
 
 
+def generator_family(path: str) -> GeneratorFamily:
+    """The family that builds ``path`` (a ``random:<size>`` name, or a checkpoint directory
+    dispatched on its ``config.json``), found without loading any weights."""
+    families = generator_families()
+    if path.startswith(RANDOM_PREFIX):
+        size = path[len(RANDOM_PREFIX) :]
+        family = next((f for f in families if size in f.random_sizes), None)
+        if family is None:
+            sizes = ", ".join(f"'{RANDOM_PREFIX}{s}'" for f in families for s in f.random_sizes)
+            raise ValueError(f"generator.path {path!r}: unknown random generator (choose from {sizes})")
+        return family
+    raw = _read_config(path)
+    family = next((f for f in families if f.accepts(raw)), None)
+    if family is None:
+        raise ValueError(
+            f"{Path(path) / 'config.json'}: model_type {raw.get('model_type')!r} is not a supported generator "
+            f"(families: {', '.join(f.name for f in families)}; CEPE needs model_type 'cepe_llama' or "
+            f"'num_cross_attn_layers', FiD model_type 't5', decoder-only LMs one of llama, qwen2, qwen3, mistral, gemma)"
+        )
+    return family
+
+
 def load_generator(
     path: str,
     vocab_texts: Iterable[str] = (),
@@ -63,23 +85,10 @@ def load_generator(
         from grerank_dist.config import DataConfig
 
         data = DataConfig()
-    families = generator_families()
+    family = generator_family(path)
     if path.startswith(RANDOM_PREFIX):
-        size = path[len(RANDOM_PREFIX) :]
-        family = next((f for f in families if size in f.random_sizes), None)
-        if family is None:
-            sizes = ", ".join(f"'{RANDOM_PREFIX}{s}'" for f in families for s in f.random_sizes)
-            raise ValueError(f"generator.path {path!r}: unknown random generator (choose from {sizes})")
-        model, tokenizer = family.build_random(size, list(vocab_texts), seed, dtype, data)
+        model, tokenizer = family.build_random(path[len(RANDOM_PREFIX) :], list(vocab_texts), seed, dtype, data)
     else:
-        raw = _read_config(path)
-        family = next((f for f in families if f.accepts(raw)), None)
-        if family is None:
-            raise ValueError(
-                f"{Path(path) / 'config.json'}: model_type {raw.get('model_type')!r} is not a supported generator "
-                f"(families: {', '.join(f.name for f in families)}; CEPE needs model_type 'cepe_llama' or "
-                f"'num_cross_attn_layers', FiD model_type 't5', decoder-only LMs one of llama, qwen2, qwen3, mistral, gemma)"
-            )
         model, tokenizer = family.load(path, dtype, data)
     model.requires_grad_(False)
     model.eval()
