@@ -13,7 +13,7 @@ Layout (each subpackage's docstring says more):
   converters of public datasets.
 - ``training/``: the recipe (``train``), everything DeepSpeed (``strategy``), tracking, export.
 - ``evaluation/``: the three evaluation settings, relevance mining, plots.
-- ``perf/``: the step benchmark, the traffic counter and the cost model.
+- ``perf/``: the step benchmark, the traffic counter, the cost model and the GPU check.
 - ``demos/``: the embedded demos and their synthetic and natural-sentence records and reader.
 - ``cli``: the ``grerank`` command, which dispatches to the modules above.
 

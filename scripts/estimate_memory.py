@@ -6,9 +6,11 @@
 
 Parameter counts come from the real model classes built on the meta device (CEPE-Llama2-7B
 shapes from ``cepe_7b_config``; an 8B decoder-only instruct model at Llama-3.1-8B shapes; the
-reranker at BGE-reranker-base / XLM-R base shapes), so they are exact; activation sizes are the tensors a step keeps alive, counted from the shapes
-(documented per line below). It is an estimate: allocator fragmentation, NCCL buffers and the
-CUDA context (about 1-2 GB together) come on top.
+reranker at BGE-reranker-base / XLM-R base shapes), so they are exact; activation sizes are the
+tensors a step keeps alive, counted from the shapes (each row says how:
+:func:`grerank_dist.perf.cost_model.step_memory_rows`, which the GPU check also compares with a
+measured peak). It is an estimate: allocator fragmentation, NCCL buffers and the CUDA context
+(about 1-2 GB together) come on top.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-from grerank_dist.perf.cost_model import BF16, FP32, GB, LLAMA_8B, cepe_rows, count_params, decoder_only_rows
+from grerank_dist.perf.cost_model import LLAMA_8B, step_memory_rows
 from grerank_dist.models.cepe import CepeForCausalContextLM, cepe_7b_config
 
 def main() -> None:
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--dec-len", type=int, default=48, help="decoder tokens: prompt + answer (S)")
     parser.add_argument("--rr-len", type=int, default=200, help="reranker pair length after padding")
     parser.add_argument("--no-rr-checkpointing", action="store_true", help="reranker without activation checkpointing")
+    parser.add_argument("--no-generator-checkpointing", action="store_true",
+                        help="generator without activation checkpointing (every decoder layer keeps its activations)")
     args = parser.parse_args()
 
     with torch.device("meta"):
@@ -41,32 +45,13 @@ def main() -> None:
         rr_config = XLMRobertaConfig(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                      intermediate_size=3072, max_position_embeddings=514, num_labels=1)
         reranker = XLMRobertaForSequenceClassification(rr_config)
-    p_gen, p_rr = count_params(generator), count_params(reranker)
     B, n, L, S = args.micro_batch, args.candidates, args.doc_len, args.dec_len
-    config = generator.config
     shards = args.world_size if args.generator_stage == 3 else 1
-
-    rows: list[tuple[str, float, str]] = []
-    rows.append(("generator parameters (bf16)", p_gen * BF16 / shards / GB,
-                 f"{p_gen / 1e9:.2f} B params / {shards} shard(s)"))
-    if args.generator_stage == 3:
-        layer_params = count_params(generator.model.layers[0])
-        live = max(args.max_live_params, 2 * layer_params)
-        rows.append(("ZeRO-3 gathered working set (bf16)", live * BF16 / GB,
-                     f"max(stage3_max_live_parameters, 2 decoder layers of {layer_params / 1e6:.0f} M)"))
-    rows += cepe_rows(config, B, n, L, S) if args.generator == "cepe-7b" else decoder_only_rows(config, B, n, L, S)
-    rows.append(("reranker parameters + gradients (fp32)", 2 * p_rr * FP32 / GB, f"{p_rr / 1e6:.0f} M params"))
-    rows.append(("reranker AdamW states, ZeRO-1 shard", 3 * p_rr * FP32 / args.world_size / GB,
-                 "fp32 moments and master copy split over ranks"))
-    pairs_tokens = B * n * args.rr_len
-    hr, rr_layers, rr_heads = rr_config.hidden_size, rr_config.num_hidden_layers, rr_config.num_attention_heads
-    if args.no_rr_checkpointing:
-        per_layer = pairs_tokens * (34 * hr + 5 * rr_heads * args.rr_len) * FP32 / 2  # Korthikanti et al. count, fp32
-        rows.append(("reranker activations (no checkpointing)", rr_layers * per_layer / GB, "every layer's saved tensors, fp32"))
-    else:
-        per_layer = pairs_tokens * (34 * hr + 5 * rr_heads * args.rr_len) * FP32 / 2
-        rows.append(("reranker activations (checkpointed)", (rr_layers * pairs_tokens * hr * FP32 + per_layer) / GB,
-                     "layer inputs + one layer recomputed, fp32"))
+    rows = step_memory_rows(
+        generator, reranker, B=B, n=n, L=L, S=S, rr_len=args.rr_len, world_size=args.world_size,
+        generator_stage=args.generator_stage, max_live_params=args.max_live_params,
+        generator_checkpointing=not args.no_generator_checkpointing, rr_checkpointing=not args.no_rr_checkpointing,
+    )
     total = sum(r[1] for r in rows)
     name = "CEPE-Llama2-7B" if args.generator == "cepe-7b" else "8B decoder-only (Llama-3.1-8B shapes, parallel context)"
     print(f"G-Rerank step, {name} generator (ZeRO stage {args.generator_stage} over {shards}), "

@@ -49,12 +49,10 @@ def project(args: argparse.Namespace) -> list[dict]:
         flops_fn = cm.cepe_step_flops if family == "cepe" else cm.decoder_only_step_flops
         flops = flops_fn(config, RERANKER, lengths)
         rows_fn = cm.cepe_rows if family == "cepe" else cm.decoder_only_rows
-        act_items = rows_fn(config, args.micro_batch, args.candidates, args.doc_len, args.dec_len)
-        # checkpointed: as listed; without: every decoder layer keeps what one recomputed layer holds
-        per_layer = sum(size for item, size, _ in act_items if "recompute" in item) * cm.GB
-        fixed = sum(size for item, size, _ in act_items if "recompute" not in item and "checkpoints" not in item) * cm.GB
-        act_ckpt = sum(size for _, size, _ in act_items) * cm.GB
-        act_full = fixed + config.num_hidden_layers * per_layer
+        # checkpointed: one layer recomputed; without: every decoder layer keeps its activations
+        act_ckpt, act_full = (sum(size for _, size, _ in rows_fn(config, args.micro_batch, args.candidates, args.doc_len,
+                                                                 args.dec_len, checkpointing)) * cm.GB
+                              for checkpointing in (True, False))
         rr_acts = cm.bert_activation_bytes(RERANKER, lengths.pair_lengths, act_bytes=2)
         for nodes in (1, 2, 4, 8):
             cluster = cm.Cluster(nodes)

@@ -183,10 +183,10 @@ def test_gpu_path_choices_given_a_faked_capability_set(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(attention, "_flash_attn_installed", lambda: True)
-    assert attention._auto_backend(cuda, torch.bfloat16, requires_grad=True) == "flash"
+    assert attention.auto_backend(cuda, torch.bfloat16, requires_grad=True) == "flash"
     monkeypatch.setattr(attention, "_flash_attn_installed", lambda: False)
-    assert attention._auto_backend(cuda, torch.bfloat16, requires_grad=True) == "folded"
-    assert attention._auto_backend(cuda, torch.float32, requires_grad=True) == "sdpa"
-    assert attention._auto_backend(torch.device("cpu"), torch.float32, requires_grad=True) != "flash"
+    assert attention.auto_backend(cuda, torch.bfloat16, requires_grad=True) == "folded"
+    assert attention.auto_backend(cuda, torch.float32, requires_grad=True) == "sdpa"
+    assert attention.auto_backend(torch.device("cpu"), torch.float32, requires_grad=True) != "flash"
     assert DeepSpeedStrategy.adamw_options(cuda) == {"fused": True}
     assert DeepSpeedStrategy.adamw_options(torch.device("cpu")) == {}

@@ -42,6 +42,7 @@ from grerank_dist.method.checks import require
 __all__ = [
     "BACKENDS",
     "FOLDED_MASK_VALUE",
+    "auto_backend",
     "available_backends",
     "backend_unavailable_reason",
     "check_key_bias",
@@ -154,14 +155,14 @@ def resolve_backend(
     """
     device = torch.device(device)
     if backend == "auto":
-        backend = _auto_backend(device, dtype, requires_grad, query_mask)
+        backend = auto_backend(device, dtype, requires_grad, query_mask)
     reason = backend_unavailable_reason(backend, device, dtype, requires_grad, query_mask)
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} is unavailable: {reason}")
     return backend
 
 
-def _auto_backend(device: torch.device, dtype: torch.dtype, requires_grad: bool, query_mask: bool) -> str:
+def auto_backend(device: torch.device, dtype: torch.dtype, requires_grad: bool, query_mask: bool = False) -> str:
     """Fastest exact backend for the device.
 
     CPU (scripts/bench_attention.py, 1-2 threads, CEPE-like shapes): SDPA with a float mask is the
@@ -411,7 +412,7 @@ def masked_attention(
     shared_kv = k.shape[0] != q.shape[0]
     has_mask = query_mask is not None
     if backend == "auto":
-        backend = _auto_backend(q.device, q.dtype, requires_grad, has_mask)
+        backend = auto_backend(q.device, q.dtype, requires_grad, has_mask)
         if shared_kv and backend in ("flash", "folded"):
             backend = "sdpa"  # their bias channel lives in the keys, which would need a copy per mask
     backend = resolve_backend(backend, q.device, q.dtype, requires_grad, has_mask)

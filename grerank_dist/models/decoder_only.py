@@ -551,7 +551,8 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**_TINY, **_TINY_EXTRA[model_type], **overrides})
 
 
-def _wrap(lm: nn.Module, tokenizer: Any, data: Any) -> DecoderOnlyGenerator:
+def wrap_causal_lm(lm: nn.Module, tokenizer: Any, data: Any) -> DecoderOnlyGenerator:
+    """A causal LM (random or loaded) as a parallel-context generator with the run's templates."""
     head = lm.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise ValueError(f"{type(lm).__name__}: output embeddings are a {type(head).__name__}, not a plain Linear")
@@ -570,7 +571,7 @@ def build_random(size: str, vocab_texts: Any, seed: int, dtype: torch.dtype, dat
     torch.manual_seed(seed)
     config = tiny_config(size.removeprefix("tiny-"), len(tokenizer))
     lm = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, dtype=dtype)
-    return _wrap(lm, tokenizer, data), tokenizer
+    return wrap_causal_lm(lm, tokenizer, data), tokenizer
 
 
 def load(path: str, dtype: torch.dtype, data: Any) -> tuple[DecoderOnlyGenerator, Any]:
@@ -579,7 +580,7 @@ def load(path: str, dtype: torch.dtype, data: Any) -> tuple[DecoderOnlyGenerator
         path, dtype=dtype, attn_implementation=ATTENTION_NAME, local_files_only=True, trust_remote_code=False
     )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    return _wrap(lm, tokenizer, data), tokenizer
+    return wrap_causal_lm(lm, tokenizer, data), tokenizer
 
 
 def accepts(raw_config: dict[str, Any]) -> bool:

@@ -535,7 +535,7 @@ def _holds_question(template: str) -> bool:
     return any(name == "question" for _, name, _, _ in string.Formatter().parse(template))
 
 
-def _fid_format(data: Any) -> InputFormat:
+def fid_input_format(data: Any) -> InputFormat:
     """FiD's templates (:data:`FID_FORMAT`) wherever ``data`` leaves its own at the data config's
     defaults: those are CEPE's layout, whose documents lack the question that FiD's encoder must
     read. A template set to anything else is an override on purpose and is used, with a warning
@@ -558,7 +558,7 @@ def _fid_format(data: Any) -> InputFormat:
 
 
 def _build_random(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch.dtype, data: Any) -> tuple[FidForConditionalGeneration, Any]:
-    fmt = _fid_format(data)
+    fmt = fid_input_format(data)
     # the templates' own words ("question:", "context:") need not be in the run's vocab_texts
     template_words = [t.format(question="", title="", text="") for t in (fmt.doc_template, fmt.prompt_template)]
     model, tokenizer = random_tiny_fid([*vocab_texts, *template_words], seed=seed, dtype=dtype)
@@ -568,7 +568,7 @@ def _build_random(size: str, vocab_texts: Iterable[str], seed: int, dtype: torch
 
 def _load(path: str, dtype: torch.dtype, data: Any) -> tuple[FidForConditionalGeneration, Any]:
     model, tokenizer = load_fid(path, dtype)
-    model.input_format = _fid_format(data)
+    model.input_format = fid_input_format(data)
     return model, tokenizer
 
 

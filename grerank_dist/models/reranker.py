@@ -44,21 +44,28 @@ def load_reranker(path: str | Path, lora: LoraConfig | None = None) -> tuple[tor
     return model, tokenizer
 
 
-def tiny_reranker(texts: Iterable[str], seed: int = 0, hidden_size: int = 64, layers: int = 2) -> tuple[torch.nn.Module, Any]:
-    """A random-init BERT cross-encoder with a word-level vocabulary over ``texts``."""
+def tiny_reranker(
+    texts: Iterable[str], seed: int = 0, hidden_size: int = 64, layers: int = 2, **config_overrides: Any
+) -> tuple[torch.nn.Module, Any]:
+    """A random-init BERT cross-encoder with a word-level vocabulary over ``texts``.
+
+    ``config_overrides`` replace :class:`BertConfig` fields, e.g. ``vocab_size=250002,
+    num_attention_heads=12`` for a random model of BGE-reranker-base's (XLM-R base's) size,
+    whose extra vocabulary rows the word-level tokenizer never reads."""
     tokenizer = build_word_tokenizer(texts, "cross-encoder")
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden_size // 32),
-        intermediate_size=hidden_size * 4,
-        max_position_embeddings=512,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = BertConfig(**{
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden_size // 32),
+        "intermediate_size": hidden_size * 4,
+        "max_position_embeddings": 512,
+        "num_labels": 1,
+        "pad_token_id": tokenizer.pad_token_id,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        **config_overrides,
+    })
     torch.manual_seed(seed)
     return BertForSequenceClassification(config), tokenizer
 

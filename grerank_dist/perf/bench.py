@@ -41,7 +41,9 @@ import torch
 
 from grerank_dist.method.relax import noise_generator
 from grerank_dist.perf.cost_model import FLOP_FORMULA, step_flops
-from grerank_dist.perf.shapes import SHAPES, Shape, bench_config, build_engines, synthetic_records
+from grerank_dist.perf.shapes import (
+    SHAPES, Shape, bench_config, build_engines, close_engines, step_batches, synthetic_records,
+)
 from grerank_dist.training.strategy import DeepSpeedStrategy
 from grerank_dist.training.train import training_step
 
@@ -51,18 +53,27 @@ VARIANTS = ("efficient", "naive", "bf16")
 
 # ---------------------------------------------------------------------------------------- timing
 
-def gemm_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+def gemm_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8, device: torch.device | str = "cpu") -> float:
     """The best FLOP/s of a square ``F.linear`` (the models' matmul) in ``dtype`` on this
-    process's threads. (On CPUs without bf16 instructions ``torch.mm`` in bf16 takes a path ~10x
-    slower than ``F.linear``, which would understate the peak.)"""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    process's threads, or on a GPU (each product timed to its end). (On CPUs without bf16
+    instructions ``torch.mm`` in bf16 takes a path ~10x slower than ``F.linear``, which would
+    understate the peak.)"""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     torch.nn.functional.linear(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(a.device)
         start = time.perf_counter()
         torch.nn.functional.linear(a, b)
+        synchronize(a.device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a wall clock times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -165,13 +176,7 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
     per_call = 1 if variant == "naive" else shape.batch
     steps = args.warmup + args.steps
     # Tokenisation happens ahead of the step (as DataLoader workers would do it): timed apart.
-    batches, data_times = [], []
-    for s in range(steps):
-        chunk = records[(s * shape.batch) % len(records):][: shape.batch]
-        start = time.perf_counter()
-        micro = [collate(chunk[i : i + per_call], list(range(i, i + per_call))) for i in range(0, shape.batch, per_call)]
-        data_times.append(time.perf_counter() - start)
-        batches.append(micro)
+    batches, data_times = step_batches(shape, collate, records, steps, per_call)
     whole = [collate(records[(s * shape.batch) % len(records):][: shape.batch], list(range(shape.batch)))
              for s in range(steps)]
 
@@ -224,7 +229,7 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
         contexts = generator.encode_contexts(first.encoder_input_ids, first.encoder_attention_mask)
         zeros = torch.zeros(first.valid.shape)
         loglik = generator.answer_logprobs(contexts, first.input_ids, first.attention_mask, first.labels, zeros).mean()
-    strategy.release_generator_params()
+    close_engines(built)
     result = VariantResult(
         name=variant, phases=phases, step_s=step_s, step_cpu_s=step_cpu_s, queries_per_s=shape.batch / step_s, flops_useful=useful,
         flops_executed=executed, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

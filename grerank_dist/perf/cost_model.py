@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from grerank_dist.models.cepe import CepeConfig
+
 FLOP_FORMULA = """\
 model FLOPs per step (matmuls only, 2 per multiply-add; no recompute counted):
   total   = 3*F_rr + F_enc + F_kv + 2*F_dec   (reranker trained: fwd + 2x bwd; encoder and K/V
@@ -123,8 +125,10 @@ def batch_lengths(batch: Any, useful: bool) -> StepLengths:
 
 
 def step_flops(gen: Any, rr: Any, batch: Any, useful: bool) -> dict[str, float]:
-    """Analytic FLOPs of one CEPE step for one micro-batch's tensors (see :data:`FLOP_FORMULA`)."""
-    return cepe_step_flops(gen, rr, batch_lengths(batch, useful))
+    """Analytic FLOPs of one step (CEPE, or a decoder-only LLM for any other generator config)
+    for one micro-batch's tensors (see :data:`FLOP_FORMULA`)."""
+    flops = cepe_step_flops if isinstance(gen, CepeConfig) else decoder_only_step_flops
+    return flops(gen, rr, batch_lengths(batch, useful))
 
 
 # ---------------------------------------------------------------------------------------- ZeRO-3 trace
@@ -332,41 +336,96 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def cepe_rows(config, B: int, n: int, L: int, S: int) -> list[tuple[str, float, str]]:
+def _activation_rows(
+    per_layer: list[tuple[str, float, str]], layers: int, checkpointing: bool, prefix: str
+) -> list[tuple[str, float, str]]:
+    """A stack's per-layer activations: with checkpointing, one layer recomputed in backward;
+    without, every layer keeps them until its backward."""
+    if checkpointing:
+        return [(f"{prefix} recompute: {what}", size, how) for what, size, how in per_layer]
+    return [(f"{prefix}, every layer: {what}", layers * size, f"{layers} layers x {how}")
+            for what, size, how in per_layer]
+
+
+def cepe_rows(config, B: int, n: int, L: int, S: int, checkpointing: bool = True) -> list[tuple[str, float, str]]:
     """CEPE: a small encoder reads the documents; the decoder cross-attends to its states."""
     h, he, ff, layers = config.hidden_size, config.encoder_config["hidden_size"], config.intermediate_size, config.num_hidden_layers
     heads, keys = config.num_attention_heads, n * L
-    return [
+    rows = [
         ("encoder states kept for the step", B * keys * he * BF16 / GB, "B*n*L*H_enc, bf16"),
         ("encoder layer working set (no autograd)", B * keys * (3 * he + config.encoder_config["intermediate_size"]) * BF16 / GB,
          "one layer's q,k,v and MLP activations at a time"),
-        ("decoder checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"),
-        ("decoder recompute: one layer's cross K/V", 2 * B * keys * h * BF16 / GB, "K and V over n*L keys, bf16"),
-        ("decoder recompute: cross-attention probabilities", B * heads * S * keys * FP32 / GB, "fp32 softmax, B*heads*S*n*L"),
-        ("decoder recompute: self-attention + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "one layer"),
     ]
+    if checkpointing:
+        rows.append(("decoder checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"))
+    return rows + _activation_rows([
+        ("cross K/V", 2 * B * keys * h * BF16 / GB, "K and V over n*L keys, bf16"),
+        ("cross-attention probabilities", B * heads * S * keys * FP32 / GB, "fp32 softmax, B*heads*S*n*L"),
+        ("self-attention + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "B*S*(4H + 3 FFN), bf16"),
+    ], layers, checkpointing, "decoder")
 
 
-def decoder_only_rows(config, B: int, n: int, L: int, S: int) -> list[tuple[str, float, str]]:
+def decoder_only_rows(config, B: int, n: int, L: int, S: int, checkpointing: bool = True) -> list[tuple[str, float, str]]:
     """A decoder-only LLM in parallel-context mode: each document is pre-filled on its own (same
     positions, no autograd: a document's states do not depend on the mask), its K/V kept for every
     layer; the prompt+answer tokens then attend to all documents' K/V plus the per-document
     log-mask bias, with gradient checkpointing over the S query tokens only."""
     h, ff, layers, heads = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads
-    kv = config.num_key_value_heads * config.head_dim
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // heads)
     keys = n * L
-    return [
+    rows = [
         ("document K/V cache, all layers (no autograd)", layers * 2 * B * keys * kv * BF16 / GB,
          f"{layers} layers x K,V x B*n*L x {kv} (GQA), bf16"),
         ("document pre-fill working set (no autograd)", B * keys * (3 * h + 2 * ff) * BF16 / GB,
          "one layer's q,k,v and MLP over B*n*L tokens (SDPA/flash: no L x L matrix)"),
-        ("query checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"),
-        ("query recompute: attention probabilities", B * heads * S * (keys + S) * FP32 / GB,
-         "fp32 softmax, B*heads*S*(n*L+S)"),
-        ("query recompute: one layer's q,k,v + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "one layer"),
-        ("logits of the answer positions (fp32)", B * S * config.vocab_size * FP32 / GB, "B*S*vocab, fp32 log-softmax"),
     ]
+    if checkpointing:
+        rows.append(("query checkpoints (layer inputs)", layers * B * S * h * BF16 / GB, f"{layers} layers x B*S*H, bf16"))
+    rows += _activation_rows([
+        ("attention probabilities", B * heads * S * (keys + S) * FP32 / GB, "fp32 softmax, B*heads*S*(n*L+S)"),
+        ("q,k,v + MLP", B * S * (4 * h + 3 * ff) * BF16 / GB, "B*S*(4H + 3 FFN), bf16"),
+    ], layers, checkpointing, "query")
+    rows.append(("logits of the answer positions (fp32)", B * S * config.vocab_size * FP32 / GB, "B*S*vocab, fp32 log-softmax"))
+    return rows
 
+
+def step_memory_rows(
+    generator: torch.nn.Module, reranker: torch.nn.Module, *, B: int, n: int, L: int, S: int, rr_len: int,
+    world_size: int, generator_stage: int = 3, max_live_params: float = 1e9, generator_checkpointing: bool = True,
+    rr_checkpointing: bool = True,
+) -> list[tuple[str, float, str]]:
+    """Per-GPU memory of one G-Rerank micro-step, (item, GiB, how) rows counted from shapes.
+
+    ``generator``: a CEPE model or a causal LM (its ``model.layers``), ``reranker`` a BERT-style
+    cross-encoder, real or on the meta device (only their shapes are read; under ZeRO-3 build
+    them unpartitioned). Allocator fragmentation, NCCL buffers and the CUDA context come on top.
+    """
+    p_gen, p_rr = count_params(generator), count_params(reranker)
+    config = generator.config
+    shards = world_size if generator_stage == 3 else 1
+    rows: list[tuple[str, float, str]] = [("generator parameters (bf16)", p_gen * BF16 / shards / GB,
+                                           f"{p_gen / 1e9:.2f} B params / {shards} shard(s)")]
+    if generator_stage == 3:
+        layer_params = count_params(generator.model.layers[0])
+        live = max(max_live_params, 2 * layer_params)
+        rows.append(("ZeRO-3 gathered working set (bf16)", live * BF16 / GB,
+                     f"max(stage3_max_live_parameters, 2 decoder layers of {layer_params / 1e6:.0f} M)"))
+    family_rows = cepe_rows if isinstance(config, CepeConfig) else decoder_only_rows
+    rows += family_rows(config, B, n, L, S, generator_checkpointing)
+    rows.append(("reranker parameters + gradients (fp32)", 2 * p_rr * FP32 / GB, f"{p_rr / 1e6:.0f} M params"))
+    rows.append(("reranker AdamW states, ZeRO-1 shard", 3 * p_rr * FP32 / world_size / GB,
+                 "fp32 moments and master copy split over ranks"))
+    rr = reranker.config
+    pairs_tokens = B * n * rr_len
+    per_layer = pairs_tokens * (34 * rr.hidden_size + 5 * rr.num_attention_heads * rr_len) * FP32 / 2  # Korthikanti et al. count, fp32
+    if rr_checkpointing:
+        rows.append(("reranker activations (checkpointed)",
+                     (rr.num_hidden_layers * pairs_tokens * rr.hidden_size * FP32 + per_layer) / GB,
+                     "layer inputs + one layer recomputed, fp32"))
+    else:
+        rows.append(("reranker activations (no checkpointing)", rr.num_hidden_layers * per_layer / GB,
+                     "every layer's saved tensors, fp32"))
+    return rows
 
 
 def generator_resident_bytes(named_numels: Iterable[tuple[str, int]], zero: ZeroSettings) -> int:
@@ -419,6 +478,22 @@ def bert_activation_bytes(rr: Any, pair_lengths: Sequence[int], act_bytes: int =
     h, a = rr.hidden_size, rr.num_attention_heads
     per_layer = sum(s * (34 * h + 5 * a * s) for s in pair_lengths) * act_bytes / 2
     return int(rr.num_hidden_layers * per_layer + sum(pair_lengths) * h * act_bytes)
+
+
+# ---------------------------------------------------------------------------------------- peaks
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of
+# torch.cuda.get_device_name(): the first match wins, so the specific names come first
+# (an H100 SXM reports "NVIDIA H100 80GB HBM3"; a GH200 matches "H200" at the same peak).
+DENSE_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H200", 989e12), ("H100", 989e12),
+    ("A100", 312e12), ("L40S", 362e12),
+)
+
+
+def dense_bf16_peak(device_name: str) -> float | None:
+    """The datasheet's dense bf16 FLOP/s of a GPU named ``device_name``, or None if not listed."""
+    return next((peak for key, peak in DENSE_BF16_PEAK_FLOPS if key in device_name), None)
 
 
 # ---------------------------------------------------------------------------------------- projection

@@ -335,6 +335,15 @@ class DeepSpeedStrategy:
         if offload is not None and hasattr(offload, "get_param_coordinator"):
             offload.get_param_coordinator().release_and_reset_all(engine.module)
 
+    def destroy_engines(self) -> None:
+        """Free both engines and what they hold (DeepSpeed's hooks keep an engine alive after
+        the last reference to it is dropped), so that a process can build others after them:
+        the benchmarks build one pair per variant."""
+        for engine in (self.generator_engine, self.reranker_engine):
+            if engine is not None:
+                engine.destroy()
+        self.generator_engine = self.reranker_engine = None
+
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: Path, step: int, client_state: dict[str, Any], export_fn: Any = None) -> Path:
         """Write the full training state for ``step`` and point ``latest`` at it, such that
