@@ -49,9 +49,6 @@ def test_backends_match_eager_within_tolerance_and_the_rest_say_why_not(tiny_run
     for family, result in figures.items():
         assert result["reference"]["passed"] and result["reference"]["against"] == "float64", family
         assert result["reference"]["grad_max_abs"] > 1e-2  # the mask matters: the check is not vacuous
-        if family == "decoder-only":
-            assert "note" in result["backends"]
-            continue
         compared = {b: r for b, r in result["backends"].items() if "passed" in r}
         assert {"sdpa", "folded"} <= set(compared) and all(r["passed"] for r in compared.values()), family
         assert "no backward on CPU" in result["backends"]["flex"]["skipped"]
@@ -71,7 +68,7 @@ def test_step_figures_are_sane(tiny_run, section):
     naive, on = figures["variants"]["naive"], figures["variants"]["checkpointing on"]
     assert naive["micro_steps"] == figures["shape"]["batch"] and on["micro_steps"] == 1
     assert naive["model_tflop_per_step"] == on["model_tflop_per_step"]  # same queries, same model FLOPs
-    assert naive["attention_backend"] == ("eager" if section == "cepe_step" else "n/a")  # decoder-only: no choice
+    assert naive["attention_backend"] == "eager"  # the naive step's own choice
 
 
 def test_generation_figures_are_sane(tiny_run):

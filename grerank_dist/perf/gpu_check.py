@@ -13,10 +13,11 @@ Sections, in order (each records its figures, or why it has none):
 
 - ``device``: names and versions, the bf16 peak that MFU divides by (a datasheet table,
   :data:`grerank_dist.perf.cost_model.DENSE_BF16_PEAK_FLOPS`) and a measured GEMM probe;
-- ``backends``: every cross-attention backend of :mod:`grerank_dist.method.attention` against
-  eager in the run's dtype (answer loss and log-mask gradient) for CEPE and FiD, and each
-  generator (decoder-only too, which has one attention function) against a copy of itself in
-  fp32 (fp64 on a CPU), at head dimension 128 (FiD 64) on CUDA;
+- ``backends``: every attention backend of :mod:`grerank_dist.method.attention` against eager in
+  the run's dtype (answer loss and log-mask gradient) for CEPE's and FiD's cross-attention and
+  the decoder-only prompt/answer pass (which adds a causal query mask), and each generator's
+  eager path against a copy of itself in fp32 (fp64 on a CPU), at head dimension 128 (FiD 64)
+  on CUDA;
 - ``cepe_step`` / ``decoder_only_step``: the trainer's :func:`training_step` in its DeepSpeed
   engines (:func:`grerank_dist.perf.shapes.build_engines`) for a CEPE-LLaMA-2-7B and a
   Llama-3.1-8B generator with a BGE-reranker-base-sized reranker, B=4 queries of n=20
@@ -449,9 +450,8 @@ def compare_family(family: str, mode: Mode, out: dict[str, Any], save: Callable[
                                                        "head_dim", "d_kv", "num_hidden_layers") if hasattr(config, k)},
                batch=f"B={shape.batch}, n={shape.n_candidates}, documents of {shape.doc_words[0]}-{shape.doc_words[1]} tokens",
                dtype=str(mode.dtype).removeprefix("torch."))
-    has_backends = hasattr(config, "cross_attn_backend")
-    if has_backends:
-        config.cross_attn_backend = "eager"
+    config.cross_attn_backend = "eager"
+    query_mask = family == "decoder-only"  # its fused path adds the prompt's causal mask
     eager, seconds = _timed(lambda: loss_and_mask_grad(model, batch, log_mask), mode.device)
     reference_model = copy.deepcopy(model).to(mode.reference_dtype)  # the same (rounded) weights, one precision up
     reference = loss_and_mask_grad(reference_model, batch, log_mask.to(mode.reference_dtype))
@@ -459,15 +459,11 @@ def compare_family(family: str, mode: Mode, out: dict[str, Any], save: Callable[
     backend_tolerance, reference_tolerance = TOLERANCES[mode.dtype]
     out["reference"] = {"against": str(mode.reference_dtype).removeprefix("torch."),
                         **_compare(eager, reference, reference_tolerance, seconds)}
-    if not has_backends:
-        out["backends"] = {"note": "no backend to choose: one attention function (fp32 softmax over the documents' "
-                                   "and the row's own keys; the documents' pre-fill on transformers' SDPA)"}
-        return
     out["backends"] = {"eager": {"loss": round(float(eager[0]), 6), "grad_max_abs": float(eager[1].abs().max()),
                                  "seconds": round(seconds, 3), "note": "the reference of the others"}}
     save()
     for backend in sorted(BACKENDS[1:], key=lambda name: name == "flex"):
-        reason = backend_unavailable_reason(backend, mode.device, mode.dtype, requires_grad=True)
+        reason = backend_unavailable_reason(backend, mode.device, mode.dtype, requires_grad=True, query_mask=query_mask)
         if reason is not None:
             out["backends"][backend] = {"skipped": reason}
             continue
@@ -563,7 +559,7 @@ def run_step_variant(shape: Shape, variant: str, run: SectionRun, seed: int = 0)
                                 rr_checkpointing=checkpointing)
         predicted = sum(size for _, size, _ in rows)
         peak_info = peak_flops(mode)
-        backend = built.model_config.cross_attn_backend if hasattr(built.model_config, "cross_attn_backend") else "n/a"
+        backend = built.model_config.cross_attn_backend
         return {
             "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
             "queries_per_s": round(shape.batch / step_s, 3), "tokens_per_s": round(tokens / step_s, 1),
