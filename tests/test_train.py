@@ -95,11 +95,22 @@ sys.exit(recipe.run(parser.parse_args(sys.argv[1:])))
 """
 
 
+class WritesMarker:
+    """Pickles to code that writes ``marker`` when unpickled: a swapped checkpoint file's payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
 def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
     """SIGUSR1 during step 3 (checkpoints at steps 2 and 3): the stopped run leaves no final
     export and says how to resume. Then step_3 is lost (`latest` dangles): --resume auto falls
     back to step_2, drops step 3 from the metrics, and ends with the weights of an uninterrupted
-    6-step run, each step logged once with its windowed throughput and data time."""
+    6-step run, each step logged once with its windowed throughput and data time. A swapped
+    checkpoint file is refused before DeepSpeed unpickles it."""
     steps = ["train.max_steps=6", "train.save_every=2"]
     check(run_cli(train_args(tmp_path / "whole", toy_data, *steps)))
     stopped = check(run_cli(["-c", SIGNAL_AT_STEP_3, *train_args(tmp_path / "split", toy_data, *steps)[3:]]))
@@ -120,29 +131,16 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path, toy_data):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "split")[2:] == losses(tmp_path / "whole")[2:]
     assert all(r["train/queries_per_s"] > 0 and r["train/data_time_s"] > 0 and r["train/step_time_s"] > 0 for r in records)
-
-
-class WritesMarker:
-    """Pickles to code that writes ``marker`` when unpickled: a swapped checkpoint file's payload."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
-
-
-def test_resume_refuses_a_swapped_checkpoint_file_without_unpickling_it(tmp_path, toy_data):
-    """A run stops at its step-2 checkpoint; its model-states file (which DeepSpeed unpickles)
-    is then replaced by a pickle that writes a file when loaded. --resume auto stops naming that
-    file, and the pickle is never loaded."""
-    check(run_cli(train_args(tmp_path, toy_data, "train.max_steps=4", "train.stop_at_step=2")))
-    states = tmp_path / "checkpoints" / "step_2" / MODEL_STATES
+    # A copy of the finished run whose last checkpoint's model-states file (which DeepSpeed
+    # unpickles) is swapped for a pickle that writes a file when loaded: --resume auto stops,
+    # naming the file, and the pickle is never loaded.
+    shutil.copytree(tmp_path / "whole", tmp_path / "swapped")
+    states = tmp_path / "swapped" / "checkpoints" / "step_6" / MODEL_STATES
     marker = tmp_path / "unpickled"
     torch.save(WritesMarker(marker), states)
-    resumed = run_cli(train_args(tmp_path, toy_data, "train.max_steps=4", "--resume", "auto"))
+    refused = run_cli(train_args(tmp_path / "swapped", toy_data, *steps, "--resume", "auto"))
     assert not marker.exists(), "the swapped checkpoint file was unpickled"
-    assert resumed.returncode != 0 and f"{states}: sha256" in resumed.stderr, resumed.stderr[-3000:]
+    assert refused.returncode != 0 and f"{states}: sha256" in refused.stderr, refused.stderr[-3000:]
 
 
 # The trainer whose reranker scores turn NaN from its fourth step on.
