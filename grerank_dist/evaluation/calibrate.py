@@ -43,8 +43,9 @@ from grerank_dist.atomic import write_text
 from grerank_dist.config import TrainConfig, load_config
 from grerank_dist.data.records import read_records
 from grerank_dist.evaluation.evaluate import RETRIEVER, decode_answers, make_answerer, method_rankings
+from grerank_dist.evaluation.evaluate import single_process_generator
 from grerank_dist.method.metrics import substring_exact_match
-from grerank_dist.models import RANDOM_PREFIX, configure_generator, generator_family, load_generator
+from grerank_dist.models import RANDOM_PREFIX, generator_family
 from grerank_dist.models.decoder_only import FAMILY as DECODER_ONLY
 from grerank_dist.models.decoder_only import DecoderOnlyGenerator
 
@@ -142,16 +143,9 @@ def load_decoder_only(
     sampling), so the reference must not either."""
     name = config.generator.dtype
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else getattr(torch, name)
-    texts: list[str] = []
     if config.generator.path.startswith(RANDOM_PREFIX):
-        from grerank_dist.training.train import record_texts
-
         print(f"generator.path {config.generator.path!r}: a random model's answers mean nothing (smoke run)", flush=True)
-        texts = record_texts(records, config)
-    generator, tokenizer = load_generator(
-        config.generator.path, texts, seed=config.generator.seed, dtype=dtype, data=config.data
-    )
-    configure_generator(generator, config.generator)
+    generator, tokenizer = single_process_generator(config, records, dtype)
     generator.lm.generation_config = GenerationConfig()
     return generator.to(device), tokenizer
 

@@ -47,10 +47,10 @@ from grerank_dist.interface import Batch
 from grerank_dist.interface import EncodedContexts, ParallelContextGenerator
 from grerank_dist.method.metrics import aggregate_metrics, answer_query_metrics, gold_labels, metrics_table_markdown
 from grerank_dist.method.metrics import rank_by_scores, retrieval_query_metrics
-from grerank_dist.models import RANDOM_PREFIX
+from grerank_dist.models import RANDOM_PREFIX, configure_generator, load_generator
 from grerank_dist.models.reranker import load_reranker, reranker_scores
 from grerank_dist.training.strategy import DeepSpeedStrategy
-from grerank_dist.training.train import build_generator
+from grerank_dist.training.train import build_generator, record_texts
 
 SETTINGS = ("reranker", "generator", "mining")
 RETRIEVER, ORACLE = "retriever", "oracle"
@@ -207,6 +207,20 @@ class TopKAnswerer:
             self.generator, contexts, batch, rankings, self.k, self.max_new_tokens, self.stop_ids, self.begin_pass
         )
         return {method: decode_answers(self.tokenizer, answer) for method, answer in tokens.items()}
+
+
+def single_process_generator(
+    config: TrainConfig, records: list[dict[str, Any]], dtype: torch.dtype = torch.float32
+) -> tuple[ParallelContextGenerator, Any]:
+    """The frozen generator and its tokenizer in one process, no engine (mining, calibration),
+    loaded as training loads it: the run's data config (instruction, chat template), the
+    generator section (attention backend, alignment), and for a ``random:`` model the records'
+    vocabulary."""
+    texts = record_texts(records, config) if config.generator.path.startswith(RANDOM_PREFIX) else []
+    generator, tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed, dtype=dtype,
+                                          data=config.data)
+    configure_generator(generator, config.generator)
+    return generator, tokenizer
 
 
 def make_answerer(

@@ -28,10 +28,9 @@ from grerank_dist.config import RelaxConfig, TrainConfig, load_config
 from grerank_dist.data.collate import Collator
 from grerank_dist.data.records import read_records
 from grerank_dist.interface import Batch
-from grerank_dist.evaluation.evaluate import table_columns
+from grerank_dist.evaluation.evaluate import single_process_generator, table_columns
 from grerank_dist.interface import EncodedContexts, ParallelContextGenerator
 from grerank_dist.method.metrics import aggregate_metrics, gold_labels, metrics_table_markdown, rank_by_scores, retrieval_query_metrics
-from grerank_dist.models import RANDOM_PREFIX, configure_generator, load_generator
 from grerank_dist.method.objectives import answer_under_masks, leave_one_out_masks, single_document_masks
 from grerank_dist.method.relax import gumbel_attention_mask, noise_generator
 
@@ -88,13 +87,7 @@ def load_generator_and_collator(config: TrainConfig, records: list[dict[str, Any
     them: the run's data config gives a decoder-only LM its instruction and chat template, and
     the generator's input format decides BOS and document padding, so mining scores the very
     inputs the generator is trained and evaluated on."""
-    texts: list[str] = []
-    if config.generator.path.startswith(RANDOM_PREFIX):
-        from grerank_dist.training.train import record_texts
-
-        texts = record_texts(records, config)
-    generator, tokenizer = load_generator(config.generator.path, texts, seed=config.generator.seed, data=config.data)
-    configure_generator(generator, config.generator)
+    generator, tokenizer = single_process_generator(config, records)
     collate = Collator(
         config.data, tokenizer, None, config.reranker.max_length, seed=config.seed, input_format=generator.input_format
     )
