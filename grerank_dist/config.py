@@ -113,6 +113,8 @@ class RelaxConfig:
     tau: float = 0.5
     kappa: float = 1.0
     noise: bool = True  # False: the paper's no-Gumbel ablation (Sec. 4.4)
+    # True: the generator reads the hard sampled top-k (straight-through gradient of the relaxed mask)
+    straight_through: bool = False
 
 
 @dataclass
@@ -137,6 +139,7 @@ class ObjectiveConfig:
     # atlas: softmax(pooled alpha * ||v||) (Izacard et al. 2022); log_mass: softmax(log(mass) / T_g).
     adist_target: str = "atlas"
     adist_value_norm: bool = True  # weigh attention probabilities by the value vectors' norms (Atlas)
+    pdist_weight: float = 1.0  # grerank_pdist: the PDist term's weight beside G-Rerank's loss
 
 
 @dataclass
@@ -198,7 +201,7 @@ COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
 # The vocabulary of train.objective and the objective section; grerank_dist.method.objectives
 # implements each name (its registry OBJECTIVES has exactly these keys), so validating a config
 # needs no model code.
-OBJECTIVE_NAMES = ("grerank", "nogumbel", "emdr", "pdist", "loop", "adist", "dro", "gold_labels",
+OBJECTIVE_NAMES = ("grerank", "nogumbel", "emdr", "pdist", "grerank_pdist", "loop", "adist", "dro", "gold_labels",
                    "retriever_distillation")
 KL_DIRECTIONS = ("target_to_scores", "scores_to_target")
 ADIST_TARGETS = ("atlas", "log_mass")
@@ -341,6 +344,10 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         fail("relax.tau", f"must be > 0, got {r.tau!r}")
     if not _is_number(r.kappa) or r.kappa <= 0:
         fail("relax.kappa", f"must be > 0, got {r.kappa!r}")
+    if r.straight_through and r.k == 1:
+        # the one kept document's bias is a constant to the attention over documents (the
+        # decoder-only log-mask is taken relative to its largest entry): no gradient would flow
+        fail("relax.straight_through", "passes no gradient with relax.k=1 (one kept document); use k >= 2")
     if t.objective not in OBJECTIVE_NAMES:
         fail("train.objective", f"must be one of {sorted(OBJECTIVE_NAMES)}, got {t.objective!r}")
     o = config.objective
@@ -349,6 +356,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
             fail(key, f"must be > 0, got {value!r}")
     if o.kl_direction not in KL_DIRECTIONS:
         fail("objective.kl_direction", f"must be one of {KL_DIRECTIONS}, got {o.kl_direction!r}")
+    if not _is_number(o.pdist_weight) or o.pdist_weight < 0:
+        fail("objective.pdist_weight", f"must be a number >= 0, got {o.pdist_weight!r}")
     if o.adist_target not in ADIST_TARGETS:
         fail("objective.adist_target", f"must be one of {ADIST_TARGETS}, got {o.adist_target!r}")
     if t.schedule not in SCHEDULES:

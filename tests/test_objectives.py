@@ -370,6 +370,7 @@ def test_nogumbel_is_grerank_without_noise() -> None:
         ("objective.target_temperature=0", r"objective\.target_temperature: must be > 0"),
         ("objective.score_temperature=-1", r"objective\.score_temperature: must be > 0"),
         ("objective.dro_samples=0", r"objective\.dro_samples: must be an integer >= 1"),
+        ("objective.pdist_weight=-1", r"objective\.pdist_weight: must be a number >= 0"),
         ("objective.adist_target=softmax", r"objective\.adist_target: must be one of \('atlas', 'log_mass'\)"),
         ("objective.temperature=1", r"objective: unknown key\(s\) \['temperature'\]"),
     ],
@@ -407,3 +408,42 @@ def test_adist_defaults_to_atlas_with_value_norms_and_old_objective_sections_sti
     assert load_config(old).objective.adist_target == "atlas"  # loads as it is, with the new default
     loaded = load_config(old, ["objective.adist_target=log_mass"]).objective
     assert (loaded.adist_target, loaded.adist_value_norm, loaded.target_temperature) == ("log_mass", False, 1.0)
+
+
+class _MixtureAndTableGenerator(_TableGenerator):
+    """A soft mask (G-Rerank, 2-D) scores the answer as sum_i M_i * usefulness_i; hard masks
+    (PDist, 3-D, no autograd) read the table."""
+
+    usefulness = torch.tensor([[0.5, -1.0, 2.0, 0.1]])
+
+    def answer_logprobs(self, contexts, input_ids, attention_mask, labels, log_mask) -> AnswerLogProbs:
+        if log_mask.dim() == 3:
+            return super().answer_logprobs(contexts, input_ids, attention_mask, labels, log_mask)
+        logp = (log_mask.exp() * self.usefulness).sum(-1, keepdim=True) * torch.tensor(TOKEN_SHARES)
+        return AnswerLogProbs(token_logprobs=logp, token_mask=torch.ones(logp.shape, dtype=torch.bool))
+
+
+def test_grerank_pdist_is_grerank_plus_weighted_pdist_on_the_same_noise() -> None:
+    s, logps = [0.4, -0.3, 0.9, 0.0], [-1.0, -0.4, -2.0, -0.6]
+    generator, batch, relax = _MixtureAndTableGenerator([_single(logps)]), _stub_batch([[True] * 4]), RelaxConfig(k=2, tau=0.7)
+    settings = ObjectiveConfig(pdist_weight=0.3)
+    parts = []
+    for name in ("grerank", "pdist"):
+        scores = torch.tensor([s], requires_grad=True)
+        loss = OBJECTIVES[name](generator, None, batch, scores, relax, torch.Generator().manual_seed(2), settings).loss
+        loss.backward()
+        parts.append((loss.item(), scores.grad))
+    scores = torch.tensor([s], requires_grad=True)
+    out = OBJECTIVES["grerank_pdist"](generator, None, batch, scores, relax, torch.Generator().manual_seed(2), settings)
+    out.loss.backward()
+    assert abs(out.loss.item() - (parts[0][0] + 0.3 * parts[1][0])) < 1e-6
+    torch.testing.assert_close(scores.grad, parts[0][1] + 0.3 * parts[1][1])
+    assert out.stats["pdist_loss"].item() == pytest.approx(parts[1][0])
+
+
+def test_straight_through_with_one_kept_document_is_refused_at_load() -> None:
+    from grerank_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"relax\.straight_through: passes no gradient with relax\.k=1"):
+        load_config(None, ["data.n_candidates=4", "relax.k=1", "relax.straight_through=true"])
+    assert load_config(None, ["data.n_candidates=4", "relax.k=2", "relax.straight_through=true"]).relax.straight_through

@@ -362,12 +362,13 @@ def test_a_few_grerank_steps_raise_the_gold_passages_score(real_models):
 def test_smollm2_quick_demo_trains_and_evaluates(tmp_path, real_models):
     """`grerank demo --generator smollm2 --quick`: G-Rerank moves the untrained MiniLM (saved
     before training, the comparison's baseline), and every setting reports both rerankers, the
-    retriever and the oracle; the reading accuracy rows are written."""
+    retriever and the oracle; the reading check (gold, decoy, question-shaped passage alone) and
+    the top-1 rows are written."""
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "grerank_dist.cli", "demo", "--generator", "smollm2", "--quick", "--out", str(out)],
                             capture_output=True, text=True, timeout=600, env=clean_env(), cwd=ROOT)
     check(result)
-    for setting in ("reranker", "generator", "mining"):
+    for setting in ("reranker", "generator"):
         metrics = json.loads((out / "eval" / setting / "metrics.json").read_text())
         assert set(metrics["methods"]) == {"minilm", "g-rerank", "retriever", "oracle"}
         assert metrics["methods"]["oracle"]["recall@1"] == 1.0
@@ -376,4 +377,5 @@ def test_smollm2_quick_demo_trains_and_evaluates(tmp_path, real_models):
     pretrained = load_file(real_models["minilm"] / "model.safetensors")
     assert torch.equal(untrained["bert.embeddings.word_embeddings.weight"], pretrained["embeddings.word_embeddings.weight"])
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["reading_subem"]) == 5 and "| gold passage alone |" in (out / "results.md").read_text()
+    assert len(summary["reading_subem"]) == 6 and "| gold passage alone |" in (out / "results.md").read_text()
+    assert "| a decoy alone (answer string, another role) |" in (out / "results.md").read_text()

@@ -241,3 +241,23 @@ def test_hard_topk_breaks_ties_by_candidate_order():
 def test_bad_input_raises_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_straight_through_reads_the_hard_samples_and_passes_the_relaxed_gradient_on_kept_documents(k):
+    scores = random_scores(batch=3, n=6, seed=11).requires_grad_(True)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    weights = torch.randn(3, 6, generator=seeded(5), dtype=torch.float64)
+    samples = gumbel_softmax_samples(scores.detach(), k, 0.7, generator=seeded(3), valid=valid)
+    # the hard mask by hand: the argmax of every sample is kept
+    kept = torch.zeros(3, 6, dtype=torch.bool)
+    for sample in samples:
+        kept[torch.arange(3), sample.argmax(-1)] = True
+    hard = gumbel_attention_mask(scores, k, 0.7, generator=seeded(3), valid=valid, straight_through=True)
+    assert torch.equal(hard == 0, kept) and torch.all(hard[~kept] == -math.inf)
+
+    soft = gumbel_attention_mask(scores, k, 0.7, generator=seeded(3), valid=valid)
+    (grad_hard,) = torch.autograd.grad((hard.masked_fill(~kept, 0.0) * weights).sum(), scores)
+    (grad_soft,) = torch.autograd.grad((soft * weights.masked_fill(~kept, 0.0)).sum(), scores)
+    torch.testing.assert_close(grad_hard, grad_soft)

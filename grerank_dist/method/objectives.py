@@ -55,7 +55,8 @@ def grerank_loss(
     log-mask bias in every cross-attention; the loss is the answer's token-level cross-entropy.
     With ``relax.noise`` off this is the no-Gumbel ablation (Sec. 4.4)."""
     log_mask = gumbel_attention_mask(
-        scores, relax.k, relax.tau, relax.kappa, generator=noise, valid=batch.valid, noise=relax.noise
+        scores, relax.k, relax.tau, relax.kappa, generator=noise, valid=batch.valid, noise=relax.noise,
+        straight_through=relax.straight_through,
     )
     answer = generator.answer_logprobs(contexts, batch.input_ids, batch.attention_mask, batch.labels, log_mask)
     return ObjectiveOutput(
@@ -172,6 +173,25 @@ def pdist_loss(
     settings = settings or ObjectiveConfig()
     answer = answer_under_masks(generator, contexts, batch, single_document_masks(batch.valid))
     return _distillation(answer.mean() / settings.target_temperature, scores, batch, relax, settings)
+
+
+def grerank_pdist_loss(
+    generator: ParallelContextGenerator,
+    contexts: EncodedContexts,
+    batch: Batch,
+    scores: torch.Tensor,
+    relax: RelaxConfig,
+    noise: torch.Generator | None,
+    settings: ObjectiveConfig | None = None,
+) -> ObjectiveOutput:
+    """G-Rerank plus ``objective.pdist_weight`` times PDist on the same scores: the relaxed
+    mixture's answer loss rewards any document holding the answer string, whatever its role,
+    where PDist compares the documents one at a time (docs/REAL_MODELS.md, the decoy records)."""
+    settings = settings or ObjectiveConfig()
+    mixture = grerank_loss(generator, contexts, batch, scores, relax, noise, settings)
+    single = pdist_loss(generator, contexts, batch, scores, relax, noise, settings)
+    stats = {"grerank_loss": mixture.loss.detach(), "pdist_loss": single.loss.detach(), **single.stats}
+    return dataclasses.replace(mixture, loss=mixture.loss + settings.pdist_weight * single.loss, stats=stats)
 
 
 def loop_loss(
@@ -370,6 +390,7 @@ OBJECTIVES = {
     "nogumbel": no_gumbel_loss,
     "emdr": emdr_loss,
     "pdist": pdist_loss,
+    "grerank_pdist": grerank_pdist_loss,
     "loop": loop_loss,
     "adist": adist_loss,
     "dro": dro_loss,

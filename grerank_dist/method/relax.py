@@ -207,17 +207,28 @@ def gumbel_attention_mask(
     generator: torch.Generator | None = None,
     valid: torch.Tensor | None = None,
     noise: bool = True,
+    straight_through: bool = False,
 ) -> torch.Tensor:
     """log M of :func:`relaxed_topk_gumbel`, computed in log space: max_j log_softmax(...).
 
     Same noise as :func:`relaxed_topk_gumbel` for the same generator state. Values are <= 0,
     -inf exactly on invalid candidates; ready to be added to attention logits (see
     :func:`grerank_dist.method.attention.expand_doc_bias`).
+
+    ``straight_through``: the forward value is the hard mask of the same samples (0 on the
+    argmax of each of the k samples, -inf elsewhere), so the generator reads exactly the sampled
+    documents as at inference, and the gradient is the relaxed mask's on the kept documents
+    (log M - stop_gradient(log M)); a dropped document is unseen and passes no gradient.
     """
     valid = _validate(scores, k, tau, kappa, valid)
     logits = _perturbed_logits(scores, k, tau, kappa, generator, valid, noise)
-    log_mask = torch.log_softmax(logits, dim=-1).amax(dim=0)
-    return _keep_all_when_k_covers(log_mask, k, valid, 0.0).to(scores.dtype)
+    samples = torch.log_softmax(logits, dim=-1)
+    log_mask = _keep_all_when_k_covers(samples.amax(dim=0), k, valid, 0.0)
+    if straight_through:
+        kept = torch.zeros_like(valid).scatter(-1, samples.argmax(dim=-1).movedim(0, -1), True)
+        kept = _keep_all_when_k_covers(kept, k, valid, True) & valid
+        log_mask = torch.where(kept, log_mask - log_mask.detach(), torch.full_like(log_mask, float("-inf")))
+    return log_mask.to(scores.dtype)
 
 
 def rank_candidates(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
