@@ -79,6 +79,21 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_marked_section(path: Path, start: str, end: str, section: str) -> None:
+    """Put ``section`` (which begins with the ``start`` marker and ends with the ``end`` one) in
+    place of the file's text between those markers, or append it; the rest of the file is kept
+    (hand-written text beside a generated report). Written atomically."""
+    existing = path.read_text() if path.is_file() else ""
+    if start in existing and end in existing:
+        before, rest = existing.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = before + section + ("\n" + after if after else "")
+    else:
+        text = existing + ("\n" if existing else "") + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, text)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

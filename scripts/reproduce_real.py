@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from grerank_dist.atomic import write_marked_section  # noqa: E402
 from grerank_dist.demos.decoy_reading import generate_decoy_records  # noqa: E402
 from grerank_dist.demos.synthetic import split_seed  # noqa: E402
 from grerank_dist.method.metrics import metrics_table_markdown  # noqa: E402
@@ -203,12 +204,7 @@ the gold first. Step time: the method's median logged step over G-Rerank's in th
 
 {table}{MARKERS[1]}
 """
-    existing = path.read_text() if path.is_file() else ""
-    if MARKERS[0] in existing and MARKERS[1] in existing:
-        before, rest = existing.split(MARKERS[0], 1)
-        path.write_text(before + section.rstrip("\n") + rest.split(MARKERS[1], 1)[1])
-    else:
-        path.write_text(existing + ("\n" if existing else "") + section)
+    write_marked_section(path, *MARKERS, section)
     return section
 
 

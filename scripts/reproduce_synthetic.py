@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from grerank_dist.atomic import write_marked_section  # noqa: E402
 from grerank_dist.demos.demo import reader_table_markdown  # noqa: E402
 from grerank_dist.method.metrics import metrics_table_markdown  # noqa: E402
 from grerank_dist.demos.reader import READER_GENERATORS  # noqa: E402
@@ -174,14 +175,7 @@ after the other, so the shared machine's load moves it by some percent).
 
 {per_seed_tables}{section_end}
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.is_file() else ""
-    if section_start in existing and section_end in existing:
-        before, rest = existing.split(section_start, 1)
-        after = rest.split(section_end, 1)[1].lstrip("\n")
-        path.write_text(before + section + ("\n" + after if after else ""))
-    else:
-        path.write_text(existing + ("\n" if existing else "") + section)
+    write_marked_section(path, section_start, section_end, section)
     return section
 
 

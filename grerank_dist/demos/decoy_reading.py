@@ -31,16 +31,14 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
 
+from grerank_dist.demos.reading import distinct_values, invented_town, invented_word
 from grerank_dist.method.metrics import has_answer
 
 FIRST_NAMES = ("Marta Jonah Elsa Tomas Ingrid Rafael Nadia Oskar Lucia Pieter Amara Henrik Sofia Mateo Freya "
                "Dmitri Leona Caspar Yusuf Greta Ilse Bruno Carmen Anton Vera").split()
 DOG_NAMES = ("Biscuit Pepper Juniper Maple Clover Pickle Ziggy Nutmeg Bramble Waffle Sprocket Tofu Pippin "
              "Marmalade Cobble Tansy Figaro Bonbon Dumpling Quince").split()
-_SYLLABLES = "bri vel lo ton mar sca dor fen gal wick ber nor tas quel rin mo vad sel kar pol thu zan".split()
-_PLACE_ENDINGS = "co ford ella ton mere stad via burg holm dal".split()
 _SHIP_WORDS = ("Amber Silver Northern Quiet Scarlet Morning Iron Gentle Copper Winter Wren Gull Heron Tern "
                "Petrel Swan Otter Marlin Comet Lantern").split()
 STOPWORDS = frozenset("a an the of in on at to by for and or is was does did who what which whose how "
@@ -54,27 +52,10 @@ Passage = tuple[str, str]  # (title, text)
 Query = tuple[str, str, Passage, list[Passage], list[Passage]]
 
 
-def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
-
-
-def _town(rng: random.Random) -> str:
-    return _word(rng, 1) + rng.choice(_PLACE_ENDINGS)
-
-
-def _distinct(rng: random.Random, make: Callable[[random.Random], str], count: int) -> list[str]:
-    values: list[str] = []
-    while len(values) < count:
-        value = make(rng)
-        if value not in values:
-            values.append(value)
-    return values
-
-
 def _people(rng: random.Random) -> tuple[str, str, str]:
     """The asked person, a lookalike (same first name, another family) and a relative (same family)."""
     first, relative_first = rng.sample(FIRST_NAMES, 2)
-    last, other_last = _distinct(rng, lambda r: _word(r, 3), 2)
+    last, other_last = distinct_values(rng, lambda r: invented_word(r, 3), 2)
     return f"{first} {last}", f"{first} {other_last}", f"{relative_first} {last}"
 
 
@@ -95,7 +76,7 @@ def _dog(rng: random.Random) -> Query:
 
 def _workplace(rng: random.Random) -> Query:
     person, lookalike, relative = _people(rng)
-    town, other = _distinct(rng, _town, 2)
+    town, other = distinct_values(rng, invented_town, 2)
     return (
         f"In which town does {person} work?", town,
         (person, f"Each weekday, after a long bus ride, {person} arrives at an office in {town}."),
@@ -109,8 +90,8 @@ def _workplace(rng: random.Random) -> Query:
 
 
 def _club(rng: random.Random) -> Query:
-    place = _word(rng, 2)
-    other_place = _word(rng, 2)
+    place = invented_word(rng, 2)
+    other_place = invented_word(rng, 2)
     founder, *_ = _people(rng)
     sport = rng.choice(("Chess", "Rowing", "Hiking", "Cycling"))
     club, other = f"the {place} {sport} Club", f"the {other_place} {sport} Club"
@@ -128,7 +109,7 @@ def _club(rng: random.Random) -> Query:
 
 def _ship(rng: random.Random) -> Query:
     person, lookalike, relative = _people(rng)
-    ship, other = (" ".join(pair) for pair in _distinct(rng, lambda r: tuple(r.sample(_SHIP_WORDS, 2)), 2))
+    ship, other = (" ".join(pair) for pair in distinct_values(rng, lambda r: tuple(r.sample(_SHIP_WORDS, 2)), 2))
     return (
         f"Which ship did {person} captain?", ship,
         (person, f"{person} was the captain of the {ship} for ten years."),

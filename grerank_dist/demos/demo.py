@@ -260,7 +260,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a pass through every stage in about a minute")
     parser.add_argument("--generator", choices=(*READER_GENERATORS, "smollm2"), default="cepe",
                         help="cepe or fid: the synthetic benchmark with a tiny reader of that family trained here "
-                        "(configs/demo.yaml, configs/demo_fid.yaml); smollm2: natural-sentence reading with the frozen "
+                        "(configs/demo.yaml, configs/demo_fid.yaml); smollm2: the decoy reading records (no lexical shortcut) with the frozen "
                         "SmolLM2-135M-Instruct and a MiniLM reranker (the `grerank fetch-models` cache, "
                         "configs/demo_smollm2.yaml; --reader/--initial do not apply)")
     parser.add_argument("--reader", type=Path, help="reuse this frozen reader directory instead of training one "

@@ -34,15 +34,15 @@ FILLERS = ("a quiet place by the river", "a market town known for its wool", "a 
 STOPWORDS = frozenset("in which was the of who what does is did a an to by".split())
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def invented_word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
 
 
-def _town(rng: random.Random) -> str:
-    return _word(rng, 1) + rng.choice(_PLACE_ENDINGS)
+def invented_town(rng: random.Random) -> str:
+    return invented_word(rng, 1) + rng.choice(_PLACE_ENDINGS)
 
 
-def _distinct(rng: random.Random, make: Callable[[random.Random], str], count: int) -> list[str]:
+def distinct_values(rng: random.Random, make: Callable[[random.Random], str], count: int) -> list[str]:
     values: list[str] = []
     while len(values) < count:
         value = make(rng)
@@ -57,8 +57,8 @@ Query = tuple[str, str, tuple[str, str], list[tuple[str, str]]]
 
 def _birthplace(rng: random.Random) -> Query:
     first = rng.choice(FIRST_NAMES)
-    last, other_last = _distinct(rng, lambda r: _word(r, 3), 2)
-    town, moved, lookalike_town = _distinct(rng, _town, 3)
+    last, other_last = distinct_values(rng, lambda r: invented_word(r, 3), 2)
+    town, moved, lookalike_town = distinct_values(rng, invented_town, 3)
     person = f"{first} {last}"
     return (
         f"In which town was {person} born?", town,
@@ -69,9 +69,9 @@ def _birthplace(rng: random.Random) -> Query:
 
 
 def _founder(rng: random.Random) -> Query:
-    place = _word(rng, 2)
+    place = invented_word(rng, 2)
     kind, other_kind = rng.sample(INSTITUTIONS, 2)
-    founder, other_founder, director = (f"{rng.choice(FIRST_NAMES)} {last}" for last in _distinct(rng, lambda r: _word(r, 3), 3))
+    founder, other_founder, director = (f"{rng.choice(FIRST_NAMES)} {last}" for last in distinct_values(rng, lambda r: invented_word(r, 3), 3))
     year, other_year = rng.sample(range(1850, 1990), 2)
     org, lookalike = f"the {place} {kind}", f"the {place} {other_kind}"
     return (
@@ -84,7 +84,7 @@ def _founder(rng: random.Random) -> Query:
 
 def _instrument(rng: random.Random) -> Query:
     first, sibling = rng.sample(FIRST_NAMES, 2)
-    last, other_last = _distinct(rng, lambda r: _word(r, 3), 2)
+    last, other_last = distinct_values(rng, lambda r: invented_word(r, 3), 2)
     own, siblings, lookalikes = rng.sample(INSTRUMENTS, 3)
     person = f"{first} {last}"
     return (
@@ -96,9 +96,9 @@ def _instrument(rng: random.Random) -> Query:
 
 
 def _capital(rng: random.Random) -> Query:
-    stem = _word(rng, 2)
+    stem = invented_word(rng, 2)
     country, lookalike = (stem + ending + "ia" for ending in rng.sample(_SYLLABLES, 2))
-    capital, other_capital, port = _distinct(rng, _town, 3)
+    capital, other_capital, port = distinct_values(rng, invented_town, 3)
     return (
         f"What is the capital of {country}?", capital,
         (country, f"The capital of {country} is {capital}, a city of old stone bridges."),
