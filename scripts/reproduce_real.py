@@ -117,8 +117,9 @@ def grerank(args: list[str], log: Path, threads: int) -> None:
 
 
 def run_seed(seed: int, out: Path, methods: list[str], steps: int, lr: float, threads: int, sizes: dict[str, Any],
-             cache_dir: Path | None) -> dict[str, Any]:
-    """Train every method of one seed, then evaluate all of them together; returns method -> row."""
+             cache_dir: Path | None, generator_setting: bool = True) -> dict[str, Any]:
+    """Train every method of one seed, then evaluate all of them together; returns method -> row.
+    ``generator_setting`` False: the reranker setting only (no SubEM columns for this seed)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = prepare_seed(seed, out, sizes, cache_dir)
     common = [f"seed={seed}", f"generator.path={paths['smollm2']}", f"reranker.path={paths[UNTRAINED]}",
@@ -144,6 +145,8 @@ def run_seed(seed: int, out: Path, methods: list[str], steps: int, lr: float, th
         "top1": ["--setting", "generator", "--k", "1", "relax.k=1"],
         "top3": ["--setting", "generator", "--k", "3", "relax.k=3"],
     }
+    if not generator_setting:
+        evaluations = {"reranker": evaluations["reranker"]}
     for name, setting in evaluations.items():
         for data, target in (("test", name), (HEURISTIC, f"{name}_answer_string")):
             metrics_file = out / "eval" / target / "metrics.json"
@@ -157,13 +160,10 @@ def run_seed(seed: int, out: Path, methods: list[str], steps: int, lr: float, th
     for method in [*rerankers, BM25, HEURISTIC, ORACLE]:
         source, suffix = ("retriever", "_answer_string") if method == HEURISTIC else (
             "retriever" if method == BM25 else method, "")
-        rows.setdefault(method, {}).update({
-            "recall@1": results[f"reranker{suffix}"][source]["recall@1"],
-            "recall@3": results[f"reranker{suffix}"][source]["recall@3"],
-            "mrr": results[f"reranker{suffix}"][source]["mrr"],
-            "subem@top1": results[f"top1{suffix}"][source]["subem"],
-            "subem@top3": results[f"top3{suffix}"][source]["subem"],
-        })
+        row = rows.setdefault(method, {})
+        row.update({key: results[f"reranker{suffix}"][source][key] for key in ("recall@1", "recall@3", "mrr")})
+        if generator_setting:
+            row.update({f"subem@{name}": results[f"{name}{suffix}"][source]["subem"] for name in ("top1", "top3")})
     return rows
 
 
@@ -174,9 +174,11 @@ def summarise(per_seed: list[dict[str, Any]], method: str) -> dict[str, str | No
     per_seed = [rows for rows in per_seed if method in rows]
     cells["seeds"] = str(len(per_seed))
     for column in COLUMNS:
-        values = [100 * rows[method][column] for rows in per_seed]
+        values = [100 * rows[method][column] for rows in per_seed if column in rows[method]]
         mean = statistics.fmean(values)
         cells[column] = f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+        if len(values) < len(per_seed):
+            cells[column] += f" ({len(values)} seeds)"
     ratios = [rows[method]["median_step_s"] / rows["g-rerank"]["median_step_s"]
               for rows in per_seed if "median_step_s" in rows[method] and "g-rerank" in rows]
     cells[STEP_COLUMN] = f"{statistics.fmean(ratios):.2f}×" if ratios else None
@@ -219,17 +221,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="OMP threads per run")
     parser.add_argument("--cache-dir", type=Path, default=None, help="the fetch-models cache (default: the usual)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a check that every stage runs")
+    parser.add_argument("--generator-eval-seeds", type=int, nargs="+", default=None,
+                        help="seeds whose methods are also answered in the generator setting (default: all)")
     args = parser.parse_args()
     methods = ["g-rerank", *(m for m in args.methods if m != "g-rerank")]  # the step-time reference first
     sizes = QUICK if args.quick else FULL
     per_seed = []
     for seed in args.seeds:
+        generator_setting = args.generator_eval_seeds is None or seed in args.generator_eval_seeds
         per_seed.append(run_seed(seed, args.out / f"seed{seed}", methods, args.steps, args.lr, args.threads, sizes,
-                                 args.cache_dir))
+                                 args.cache_dir, generator_setting))
         (args.out / "per_seed.json").write_text(json.dumps(per_seed, indent=2))
     command = "python scripts/reproduce_real.py " + shlex.join(
         ["--seeds", *map(str, args.seeds), "--out", str(args.out), "--write", str(args.write), "--steps", str(args.steps),
          "--lr", str(args.lr)] + (["--methods", *args.methods] if args.methods != list(METHODS) else [])
+        + (["--generator-eval-seeds", *map(str, args.generator_eval_seeds)] if args.generator_eval_seeds else [])
         + (["--quick"] if args.quick else []))
     print(write_report(args.write, args.seeds, per_seed, command), flush=True)
     return 0

@@ -45,3 +45,8 @@ def test_the_report_gives_mean_and_sd_over_seeds_and_keeps_the_rest_of_the_file(
     assert text.count(script.MARKERS[0]) == 1 and "hand-written text" in text and "first command" not in text
     sd = 100 * statistics.stdev([0.2, 0.4, 0.6])
     assert f"| pdist | 40.0 ± {sd:.1f} |" in text and "| 1.50× |" in text
+    # a seed evaluated in the reranker setting only adds to the retrieval columns alone
+    for rows in per_seed[2].values():
+        del rows["subem@top1"], rows["subem@top3"]
+    script.write_report(report, [0, 1, 2], per_seed, "third command")
+    assert f"| pdist | 40.0 ± {sd:.1f} | 40.0 ± {sd:.1f} | 40.0 ± {sd:.1f} | 30.0 ± 14.1 (2 seeds) |" in report.read_text()
