@@ -140,21 +140,22 @@ def run_seed(seed: int, out: Path, methods: list[str], steps: int, lr: float, th
         rows[method] = json.loads(done.read_text())
         rerankers[method] = run_dir / "reranker"
     names = [f"--reranker={name}={path}" for name, path in rerankers.items()]
+    # name -> (options, overrides); the overrides go last so that relax.k is the setting's
     evaluations = {
-        "reranker": ["--setting", "reranker", "--k", "1", "--k", "3"],
-        "top1": ["--setting", "generator", "--k", "1", "relax.k=1"],
-        "top3": ["--setting", "generator", "--k", "3", "relax.k=3"],
+        "reranker": (["--setting", "reranker", "--k", "1", "--k", "3"], []),
+        "top1": (["--setting", "generator", "--k", "1"], ["relax.k=1"]),
+        "top3": (["--setting", "generator", "--k", "3"], ["relax.k=3"]),
     }
     if not generator_setting:
         evaluations = {"reranker": evaluations["reranker"]}
-    for name, setting in evaluations.items():
+    for name, (options, overrides) in evaluations.items():
         for data, target in (("test", name), (HEURISTIC, f"{name}_answer_string")):
             metrics_file = out / "eval" / target / "metrics.json"
             if not metrics_file.is_file() or (data == "test" and not set(rerankers) <= set(
                     json.loads(metrics_file.read_text())["methods"])):
                 grerank(["eval", "--config", str(CONFIG), f"--data={paths[data]}", *(names if data == "test" else []),
-                         "--batch-size", str(sizes["eval_batch"]), "--out", str(metrics_file.parent), *setting,
-                         f"output_dir={out / 'eval'}", *common], out / "eval.log", threads)
+                         "--batch-size", str(sizes["eval_batch"]), "--out", str(metrics_file.parent), *options,
+                         f"output_dir={out / 'eval'}", *common, *overrides], out / "eval.log", threads)
     results = {target.name: json.loads((target / "metrics.json").read_text())["methods"]
                for target in (out / "eval").iterdir() if (target / "metrics.json").is_file()}
     for method in [*rerankers, BM25, HEURISTIC, ORACLE]:
@@ -175,6 +176,9 @@ def summarise(per_seed: list[dict[str, Any]], method: str) -> dict[str, str | No
     cells["seeds"] = str(len(per_seed))
     for column in COLUMNS:
         values = [100 * rows[method][column] for rows in per_seed if column in rows[method]]
+        if not values:
+            cells[column] = None
+            continue
         mean = statistics.fmean(values)
         cells[column] = f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
         if len(values) < len(per_seed):
