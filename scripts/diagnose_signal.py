@@ -3,8 +3,9 @@
     python scripts/diagnose_signal.py --out runs/diagnose [--queries 48] [--samples 4] [key=value ...]
 
 Frozen SmolLM2-135M-Instruct and the untrained MiniLM (new head, the seed's), both from the
-`grerank fetch-models` cache, on the first ``--queries`` training queries of
-``grerank_dist.demos.decoy_reading`` (seed 0's train split, as the real benchmark draws it),
+`grerank fetch-models` cache, on ``--queries`` queries of ``grerank_dist.demos.decoy_reading``
+drawn from the seed's "train" stream (a draw of its own: neither the benchmark's training nor
+its test split),
 with the SmolLM2 demo's config at 8 candidates. Writes ``diagnosis.json`` and ``diagnosis.md``:
 
 1. the generator's SubEM (greedy, generator setting) with the gold, the first decoy and the
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from grerank_dist.config import load_config  # noqa: E402
 from grerank_dist.data.collate import Collator  # noqa: E402
-from grerank_dist.demos.decoy_reading import generate_decoy_records  # noqa: E402
+from grerank_dist.demos.decoy_reading import DECOY, GOLD, OTHER, OVERLAP, generate_decoy_records  # noqa: E402
 from grerank_dist.demos.synthetic import split_seed  # noqa: E402
 from grerank_dist.evaluation.diagnose import reading_alone, signal_diagnosis  # noqa: E402
 from grerank_dist.evaluation.evaluate import single_process_generator  # noqa: E402
@@ -38,7 +39,7 @@ from grerank_dist.models.reranker import load_reranker  # noqa: E402
 
 TAUS = (0.25, 0.5, 1.0, 2.0)
 KS = (1, 2)
-KINDS = ("gold", "decoy", "overlap", "other")
+KINDS = (GOLD, DECOY, OVERLAP, OTHER)
 
 
 def markdown(result: dict, settings: list[tuple[str, float, int]]) -> str:

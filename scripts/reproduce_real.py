@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grerank_dist.atomic import write_marked_section  # noqa: E402
-from grerank_dist.demos.decoy_reading import generate_decoy_records  # noqa: E402
+from grerank_dist.demos.demo_smollm2 import write_reading_splits  # noqa: E402
 from grerank_dist.demos.synthetic import split_seed  # noqa: E402
 from grerank_dist.method.metrics import metrics_table_markdown  # noqa: E402
 from grerank_dist.models.fetch import fetch_model  # noqa: E402
@@ -94,10 +94,10 @@ def prepare_seed(seed: int, out: Path, sizes: dict[str, Any], cache_dir: Path | 
     if not (paths[UNTRAINED] / "config.json").is_file():
         torch.manual_seed(seed)
         export_reranker(*load_reranker(models["minilm"]), paths[UNTRAINED])
-    for split in ("train", "test"):
-        paths[split] = out / "data" / f"{split}.jsonl"
-        if not paths[split].is_file():
-            write_jsonl(paths[split], generate_decoy_records(sizes[split], split_seed(seed, f"decoy/{split}")))
+    splits = {split: out / "data" / f"{split}.jsonl" for split in ("train", "test")}
+    if not all(path.is_file() for path in splits.values()):
+        splits = write_reading_splits(out / "data", {split: sizes[split] for split in splits}, seed)  # the demo's
+    paths.update(splits)
     paths[HEURISTIC] = out / "data" / "test_answer_string_order.jsonl"
     if not paths[HEURISTIC].is_file():
         test = [json.loads(line) for line in paths["test"].read_text().splitlines()]

@@ -136,7 +136,8 @@ def bm25_scores(question: str, passages: list[str], document_frequency: Counter,
     terms = set(tokens(question))
     scores = []
     for passage in passages:
-        counts, length = Counter(tokens(passage)), len(tokens(passage))
+        words = tokens(passage)
+        counts, length = Counter(words), len(words)
         score = 0.0
         for term in terms:
             tf = counts[term]
