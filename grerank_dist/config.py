@@ -35,9 +35,12 @@ class GeneratorConfig:
     # the prompt/answer tokens score a document key q.k / (sqrt(d) * T) + log-mask + log S, with
     # T = doc_key_temperature (< 1 sharpens attention within the documents) and S =
     # doc_attention_scale (the documents' attention mass times S against prefix and prompt).
-    # 1 and 1 leave the model as it is.
+    # 1 and 1 leave the model as it is. doc_temperature_form: "group" (APE's: the documents
+    # together get one logit T * logsumexp(their scores / T + log-mask) + log S, eager backend
+    # only when T != 1) or "per_key" (the scores above as they are); the same at T = 1.
     doc_key_temperature: float = 1.0
     doc_attention_scale: float = 1.0
+    doc_temperature_form: str = "group"
     gradient_checkpointing: bool = True
     # "auto": bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"
@@ -205,6 +208,7 @@ OBJECTIVE_NAMES = ("grerank", "nogumbel", "emdr", "pdist", "grerank_pdist", "loo
                    "retriever_distillation")
 KL_DIRECTIONS = ("target_to_scores", "scores_to_target")
 ADIST_TARGETS = ("atlas", "log_mass")
+DOC_TEMPERATURE_FORMS = ("group", "per_key")  # generator.doc_temperature_form (models/decoder_only.py)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -388,6 +392,9 @@ def validate(config: TrainConfig, where: str = "config") -> None:
                        ("generator.doc_attention_scale", config.generator.doc_attention_scale)):
         if not _is_number(value) or not math.isfinite(value) or value <= 0:
             fail(key, f"must be a finite number > 0 (1 leaves the generator unchanged), got {value!r}")
+    form = config.generator.doc_temperature_form
+    if form not in DOC_TEMPERATURE_FORMS:
+        fail("generator.doc_temperature_form", f"must be one of {DOC_TEMPERATURE_FORMS}, got {form!r}")
     if not _is_number(t.lr) or t.lr <= 0:
         fail("train.lr", f"must be > 0, got {t.lr!r}")
     if not _is_number(t.max_grad_norm) or t.max_grad_norm < 0:

@@ -1,6 +1,6 @@
 """`grerank calibrate` (grerank_dist.evaluation.calibrate) on a tiny random Llama, against an
-independent decoding loop for every (T, S) point and the plain transformers model's own
-`generate` for the sequential reference."""
+independent decoding loop for every (T, S) point in the config's form of T and the plain
+transformers model's own `generate` for the sequential reference."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from toy import toy_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
@@ -54,7 +55,7 @@ def _independent_answers(config: TrainConfig, records: list[dict], k: int) -> tu
         prompt = tok(d.prompt_template.format(question=record["question"]), add_special_tokens=False)["input_ids"]
         contexts = gen.encode_contexts(docs, mask)
         for point, answers in parallel.items():
-            gen.set_context_alignment(*point)
+            gen.set_context_alignment(*point, config.generator.doc_temperature_form)
             tokens = gen.generate(contexts, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), None,
                                   max_new_tokens=new, stop_token_ids=stops)
             answers.append(_clean(tok.decode(tokens[0], skip_special_tokens=True)))
@@ -66,9 +67,12 @@ def _independent_answers(config: TrainConfig, records: list[dict], k: int) -> tu
     return parallel, sequential, tok
 
 
-@pytest.mark.parametrize("documents", [["--all-candidates"], ["--top-k", "2"]], ids=["all", "top2"])
-def test_calibrate_matches_independent_decoding_and_writes_a_loadable_config(tmp_path, capsys, documents):
-    config = load_config(CONFIG, OVERRIDES)
+@pytest.mark.parametrize("documents, forms", [(["--all-candidates"], []), (["--top-k", "2"], ["per_key"])],
+                         ids=["all-group", "top2-per_key"])
+def test_calibrate_matches_independent_decoding_and_writes_a_loadable_config(tmp_path, capsys, documents, forms):
+    overrides = [*OVERRIDES, *(f"generator.doc_temperature_form={form}" for form in forms)]
+    form = forms[0] if forms else "group"  # the default
+    config = load_config(CONFIG, overrides)
     k = config.data.n_candidates if documents[0] == "--all-candidates" else 2
     records = toy_records(5, 4, seed=7)
     parallel, sequential, tok = _independent_answers(config, records, k)
@@ -82,7 +86,7 @@ def test_calibrate_matches_independent_decoding_and_writes_a_loadable_config(tmp
     data = write_jsonl(tmp_path / "dev.jsonl", records)
     out, written = tmp_path / "out", tmp_path / "calibrated.yaml"
     assert cli_main(["calibrate", "--config", str(CONFIG), "--data", data, "--temperatures", "0.5,1", "--scales", "1,3",
-                     *documents, "--out", str(out), "--write-config", str(written), *OVERRIDES]) == 0
+                     *documents, "--out", str(out), "--write-config", str(written), *overrides]) == 0
 
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [row["id"] for row in rows] == [r["id"] for r in records]
@@ -95,6 +99,7 @@ def test_calibrate_matches_independent_decoding_and_writes_a_loadable_config(tmp
 
     summary = json.loads((out / "calibration.json").read_text())
     assert summary["n_queries"] == 5 and summary["top_k"] == (None if k == 4 else 2)
+    assert summary["doc_temperature_form"] == form
     reference = subem(sequential)
     assert summary["sequential"]["subem"] == pytest.approx(reference) and reference > 0
     expected = [GridPoint(t, s, subem(parallel[(t, s)]), subem(parallel[(t, s)]) / reference) for t, s in GRID]
@@ -106,10 +111,15 @@ def test_calibrate_matches_independent_decoding_and_writes_a_loadable_config(tmp
     assert GridPoint(**summary["chosen"]) == nearest
     table = (out / "calibration.md").read_text()
     assert table in capsys.readouterr().out and table.count("| parallel") == len(GRID)
+    assert table.splitlines()[0].startswith(f"| Context | T ({form} form) | S |")
 
     calibrated = load_config(written)
     assert (calibrated.generator.doc_key_temperature, calibrated.generator.doc_attention_scale) == (
         nearest.doc_key_temperature, nearest.doc_attention_scale)
+    # The form is written out beside T and S (not left to the default), also where it is the default.
+    generator = list(yaml.safe_load(written.read_text())["generator"].items())
+    at = [name for name, _ in generator].index("doc_key_temperature")
+    assert generator[at + 1 : at + 3] == [("doc_attention_scale", nearest.doc_attention_scale), ("doc_temperature_form", form)]
     unchanged = {**calibrated.to_dict(), "source": ""}
     unchanged["generator"].update(doc_key_temperature=1.0, doc_attention_scale=1.0)
     assert unchanged == {**config.to_dict(), "source": ""}

@@ -34,9 +34,12 @@ def test_overrides_and_defaults(tmp_path):
 
 def test_parallel_context_alignment_defaults_to_no_change():
     config = load_config(None)
-    assert (config.generator.doc_key_temperature, config.generator.doc_attention_scale) == (1.0, 1.0)
-    config = load_config(None, ["generator.doc_key_temperature=0.5", "generator.doc_attention_scale=2"])
-    assert (config.generator.doc_key_temperature, config.generator.doc_attention_scale) == (0.5, 2.0)
+    g = config.generator
+    assert (g.doc_key_temperature, g.doc_attention_scale, g.doc_temperature_form) == (1.0, 1.0, "group")
+    config = load_config(None, ["generator.doc_key_temperature=0.5", "generator.doc_attention_scale=2",
+                                "generator.doc_temperature_form=per_key"])
+    g = config.generator
+    assert (g.doc_key_temperature, g.doc_attention_scale, g.doc_temperature_form) == (0.5, 2.0, "per_key")
 
 
 @pytest.mark.parametrize(
@@ -64,6 +67,9 @@ def test_parallel_context_alignment_defaults_to_no_change():
         ("", ["generator.doc_attention_scale=-2"], "generator.doc_attention_scale: must be a finite number > 0"),
         ("", ["generator.doc_attention_scale=.inf"], "generator.doc_attention_scale: must be a finite number > 0"),
         ("", ["generator.doc_key_temperature=hot"], "generator.doc_key_temperature: expected float, got 'hot'"),
+        ("", ["generator.doc_temperature_form=ape"],
+         "generator.doc_temperature_form: must be one of ('group', 'per_key'), got 'ape'"),
+        ("", ["generator.doc_temperature_form=1"], "generator.doc_temperature_form: expected str"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, needle):

@@ -1,8 +1,8 @@
 """Decoder-only LMs in parallel-context mode against the plain model's own forward and generate.
 
 Architectures covered: Llama, Qwen2 (q/k/v biases) and Mistral, each a tiny random model. The
-properties that hold for any parallel-context alignment (T, S) run at the default and at
-another, and every prompt/answer attention backend is held against eager.
+properties that hold for any parallel-context alignment (T, S, form) run at the default and at
+others, and every prompt/answer attention backend is held against eager.
 """
 
 from __future__ import annotations
@@ -21,13 +21,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from grerank_dist.config import DataConfig, GeneratorConfig
 from grerank_dist.data.collate import Collator
 from grerank_dist.method.attention import available_backends
+from grerank_dist.method.checks import deferred_checks
 from grerank_dist.models import configure_generator, load_generator
 from grerank_dist.models.decoder_only import DecoderOnlyGenerator, decoder_input_format
 
 ARCHS = ("llama", "qwen2", "mistral")  # every property below
 ALL_ARCHS = (*ARCHS, "qwen3", "gemma")  # the equivalence with the plain model
-# (doc_key_temperature T, doc_attention_scale S): the default (no change) and both changed.
-ALIGNMENTS = [(1.0, 1.0), (0.6, 2.5)]
+# (doc_key_temperature T, doc_attention_scale S, doc_temperature_form): the default (no change)
+# and both changed in either form; the fused backends take the group form at T = 1 only.
+Alignment = tuple[float, float, str]
+ALIGNMENTS = [(1.0, 1.0, "group"), (0.6, 2.5, "per_key"), (0.6, 2.5, "group")]
+FUSED_ALIGNMENTS = [a for a in ALIGNMENTS if a[0] == 1.0 or a[2] == "per_key"]
 CPU = torch.device("cpu")
 # Prompt/answer backends besides eager that train on CPU (sdpa, folded), and those that only infer (flex).
 FUSED = [b for b in available_backends(CPU, torch.float32, requires_grad=True, query_mask=True) if b != "eager"]
@@ -38,7 +42,7 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu x
 
 def _generator(
     arch: str, instruction: str = "answer the question", dtype: torch.dtype = torch.float32,
-    alignment: tuple[float, float] = (1.0, 1.0),
+    alignment: Alignment = (1.0, 1.0, "group"),
 ) -> DecoderOnlyGenerator:
     data = DataConfig(instruction=instruction)
     model, _ = load_generator(f"random:tiny-{arch}", [" ".join(WORDS)], seed=0, dtype=dtype, data=data)
@@ -104,7 +108,7 @@ def _batch(gen: DecoderOnlyGenerator, n: int = 4, batch: int = 2) -> tuple:
 
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch: str, alignment: tuple[float, float]) -> None:
+def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch: str, alignment: Alignment) -> None:
     gen = _generator(arch, alignment=alignment)
     contexts, docs, masks, seq, mask, labels = _batch(gen)
     keep = torch.tensor([[True, False, True, False], [False, True, True, True]])
@@ -126,7 +130,7 @@ def test_hard_mask_equals_removing_documents_and_constant_masks_are_no_mask(arch
 
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS[:2])
-def test_log_mask_gradient_matches_finite_differences(arch: str, alignment: tuple[float, float]) -> None:
+def test_log_mask_gradient_matches_finite_differences(arch: str, alignment: Alignment) -> None:
     # fp64, but transformers' RMSNorm computes in fp32 (~1e-7 relative): central differences
     # with a step of 1e-2 keep both their truncation and that rounding near 1e-5.
     gen = _generator(arch, alignment=alignment).double()
@@ -167,7 +171,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(arch: str) -> None:
 
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str, alignment: tuple[float, float]) -> None:
+def test_m_masks_batched_equal_one_by_one_and_cache_equals_no_cache(arch: str, alignment: Alignment) -> None:
     gen = _generator(arch, alignment=alignment)
     contexts, _, _, seq, mask, labels = _batch(gen)
     masks = torch.randn(2, 3, 4)
@@ -197,12 +201,29 @@ REFERENCE_ATTENTION = "grerank_test_explicit_scores"
 
 def _explicit_scores_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, layout=None, **kwargs):
     """The reference: one eager softmax per head over q.k * scaling * logit_scale + bias, both
-    [T, T] matrices written out by the test (the model's own mask is not used)."""
-    logit_scale, bias = layout
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    [T, T] matrices written out by the test (the model's own mask is not used). With ``group``
+    (the document columns, T, S) the rows after the documents instead follow APE's merge: one
+    softmax over the document columns' logits s/T + b (their LSE_doc) and one over the others
+    (LSE_self), mixed with weights exp(T LSE_doc + log S) and exp(LSE_self). Each layer's
+    probabilities are appended to ``record``."""
+    logit_scale, bias, group, record = layout
+    heads = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(heads, dim=1), value.repeat_interleave(heads, dim=1)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling * logit_scale + bias
-    return torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).contiguous(), None
+    probs = torch.softmax(scores, dim=-1)
+    if group is not None:
+        docs, temperature, scale = group
+        is_doc = torch.zeros(scores.shape[-1], dtype=torch.bool)
+        is_doc[docs] = True
+        rows = scores[:, :, docs.stop :]
+        doc_logits = rows.masked_fill(~is_doc, float("-inf")) - math.log(scale)  # s/T + b: the layout adds log S
+        self_logits = rows.masked_fill(is_doc, float("-inf"))
+        doc_weight = torch.sigmoid(temperature * doc_logits.logsumexp(-1, keepdim=True) + math.log(scale)
+                                   - self_logits.logsumexp(-1, keepdim=True))
+        merged = doc_weight * torch.softmax(doc_logits, dim=-1) + (1 - doc_weight) * torch.softmax(self_logits, dim=-1)
+        probs = torch.cat([probs[:, :, : docs.stop], merged], dim=2)
+    record.append(probs)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 ALL_ATTENTION_FUNCTIONS.register(REFERENCE_ATTENTION, _explicit_scores_attention)
@@ -214,7 +235,8 @@ def _explicit_layout(prefix_len: int, n_docs: int, doc_len: int, seq_len: int, l
     """Position ids, logit scales and biases of [prefix | doc_1 ... doc_n | prompt + answer] as one
     sequence: the prefix causal; each document sees the prefix and itself causally at positions
     P..P+L-1; the prompt/answer tokens see the prefix, every document with the README's formula
-    (scores / T, bias log m_i - max log m + log S) and themselves causally, from position P+L."""
+    (scores / T, bias log m_i - max log m + log S; differentiable in ``log_mask``) and themselves
+    causally, from position P+L."""
     docs_end = prefix_len + n_docs * doc_len
     total = docs_end + seq_len
     logit_scale, bias = torch.ones(total, total), torch.full((total, total), float("-inf"))
@@ -230,44 +252,63 @@ def _explicit_layout(prefix_len: int, n_docs: int, doc_len: int, seq_len: int, l
     bias[docs_end:, :prefix_len] = 0.0
     for i in range(n_docs):
         cols = slice(prefix_len + i * doc_len, prefix_len + (i + 1) * doc_len)
-        bias[docs_end:, cols] = float(shifted[i]) + math.log(scale)
+        bias[docs_end:, cols] = shifted[i] + math.log(scale)
         logit_scale[docs_end:, cols] = 1.0 / temperature
     bias[docs_end:, docs_end:][causal[:seq_len, :seq_len]] = 0.0
     positions += range(prefix_len + doc_len, prefix_len + doc_len + seq_len)
     return torch.tensor([positions]), logit_scale, bias
 
 
+@pytest.mark.parametrize("form", ["per_key", "group"])
 @pytest.mark.parametrize("alignment", [(0.6, 2.5), (1.5, 0.4)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_alignment_equals_explicit_scores_on_the_plain_model(arch: str, alignment: tuple[float, float]) -> None:
-    """Three documents under a soft mask at T, S != 1, on every backend, against the plain model
-    run over the whole layout as one sequence with the README's scores written out per head."""
+def test_alignment_equals_explicit_scores_on_the_plain_model(arch: str, alignment: tuple[float, float], form: str) -> None:
+    """Three documents under a soft mask at T, S != 1 against the plain model run over the whole
+    layout as one sequence, with the README's scores written out per head (per_key) or APE's two
+    attentions merged (group): answer log-probabilities and their log-mask gradient on every
+    backend that takes the form, and the documents' attention mass."""
     temperature, scale = alignment
-    gen = _generator(arch, alignment=alignment)
+    gen = _generator(arch, alignment=(temperature, scale, form))
     reference = AutoModelForCausalLM.from_config(copy.deepcopy(gen.lm.config), attn_implementation=REFERENCE_ATTENTION)
     reference.load_state_dict(gen.lm.state_dict())
-    reference.eval()
+    reference.requires_grad_(False).eval()
+    prefix_len = len(gen.prefix_ids)
     docs = [_ids("beta", "gamma", "delta"), _ids("pi", "rho", "kappa"), _ids("mu", "nu", "xi")]
     prompt, answer = _ids("eta", "theta"), _ids("iota", "mu", "sigma")
     log_mask = torch.tensor([-0.3, -1.2, 0.4])
-    positions, logit_scale, bias = _explicit_layout(len(gen.prefix_ids), 3, 3, len(prompt + answer), log_mask, temperature, scale)
+    reference_mask = log_mask.clone().requires_grad_()
+    positions, logit_scale, bias = _explicit_layout(prefix_len, 3, 3, len(prompt + answer), reference_mask, temperature, scale)
+    group = (slice(prefix_len, prefix_len + 9), temperature, scale) if form == "group" else None
+    record: list[torch.Tensor] = []
     full = torch.tensor([gen.prefix_ids + sum(docs, []) + prompt + answer])
-    with torch.no_grad():
-        logits = reference(full, position_ids=positions, layout=(logit_scale, bias)).logits.float().log_softmax(-1)
+    logits = reference(full, position_ids=positions, layout=(logit_scale, bias, group, record)).logits.float().log_softmax(-1)
     start = full.shape[1] - len(answer)
     expected = logits[0, start - 1 : -1].gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), reference_mask)
+    assert expected_grad.abs().max() > 1e-3
     contexts = gen.encode_contexts(torch.tensor([docs]), torch.ones(1, 3, 3, dtype=torch.long))
     seq = torch.tensor([prompt + answer])
     labels = torch.tensor([[-100] * len(prompt) + answer])
-    for backend in ("eager", *FUSED):
+    for backend in ("eager", *FUSED) if form == "per_key" else ("eager",):
         gen.config.cross_attn_backend = backend
-        got = gen.answer_logprobs(contexts, seq, torch.ones_like(seq), labels, log_mask[None]).token_logprobs
-        torch.testing.assert_close(got[0, len(prompt) :], expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+        point = log_mask[None].clone().requires_grad_()
+        got = gen.answer_logprobs(contexts, seq, torch.ones_like(seq), labels, point).token_logprobs[0, len(prompt) :]
+        (grad,) = torch.autograd.grad(got.sum(), point)
+        torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+        torch.testing.assert_close(grad[0], expected_grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{backend} d(log-mask): {m}")
+    # The mass: per document, its keys' weight averaged over layers, heads and the answer-predicting positions.
+    predicting = slice(start - 1, full.shape[1] - 1)
+    expected_mass = torch.stack([
+        torch.stack([probs[0, :, predicting, prefix_len + 3 * i : prefix_len + 3 * i + 3].sum(-1).mean() for i in range(3)])
+        for probs in record
+    ]).mean(0)
+    mass = gen.document_attention_mass(contexts, seq, torch.ones_like(seq), labels, log_mask[None])
+    torch.testing.assert_close(mass[0], expected_mass.detach(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("alignment", ALIGNMENTS)
+@pytest.mark.parametrize("alignment", FUSED_ALIGNMENTS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_backends_equal_eager_in_outputs_gradients_and_generation(arch: str, alignment: tuple[float, float]) -> None:
+def test_fused_backends_equal_eager_in_outputs_gradients_and_generation(arch: str, alignment: Alignment) -> None:
     gen = _generator(arch, alignment=alignment)
     contexts, _, _, seq, mask, labels = _batch(gen)
     masks = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
@@ -297,12 +338,30 @@ def test_fused_backends_equal_eager_in_outputs_gradients_and_generation(arch: st
 
 def test_alignment_and_backend_settings_are_checked() -> None:
     gen = _generator("llama")
-    configure_generator(gen, GeneratorConfig(doc_key_temperature=0.5, doc_attention_scale=3.0, attention_backend="sdpa"))
-    assert (gen.doc_key_temperature, gen.doc_attention_scale, gen.config.cross_attn_backend) == (0.5, 3.0, "sdpa")
+    settings = GeneratorConfig(doc_key_temperature=0.5, doc_attention_scale=3.0, doc_temperature_form="per_key",
+                               attention_backend="sdpa")
+    configure_generator(gen, settings)
+    assert (gen.doc_key_temperature, gen.doc_attention_scale, gen.doc_temperature_form, gen.config.cross_attn_backend) == (
+        0.5, 3.0, "per_key", "sdpa")
     with pytest.raises(ValueError, match="generator.doc_attention_scale must be a finite number > 0"):
         gen.set_context_alignment(1.0, 0.0)
+    with pytest.raises(ValueError, match=r"generator.doc_temperature_form must be one of \('group', 'per_key'\), got 'ape'"):
+        gen.set_context_alignment(0.5, 3.0, "ape")
     contexts, _, _, seq, mask, labels = _batch(gen)
     log_mask = torch.zeros(2, 4, requires_grad=True)
+    gen.answer_logprobs(contexts, seq, mask, labels, log_mask)  # per_key: sdpa takes it
+    # The group form's per-query offset is no per-key bias: refused on the fused backends at T != 1 only.
+    gen.set_context_alignment(0.5, 3.0, "group")
+    for backend in FUSED:
+        gen.config.cross_attn_backend = backend
+        with pytest.raises(ValueError, match=(
+            f"generator.attention_backend='{backend}' takes a per-key bias only, but generator.doc_temperature_form='group' "
+            "at generator.doc_key_temperature=0.5 adds a per-query offset: set generator.attention_backend to 'eager' or "
+            "'auto', or generator.doc_temperature_form to 'per_key'"
+        )):
+            gen.answer_logprobs(contexts, seq, mask, labels, log_mask)
+    gen.set_context_alignment(1.0, 3.0, "group")
+    gen.answer_logprobs(contexts, seq, mask, labels, log_mask)
     gen.config.cross_attn_backend = "fast"
     with pytest.raises(ValueError, match="generator.attention_backend: .*unknown backend 'fast'"):
         gen.answer_logprobs(contexts, seq, mask, labels, log_mask)
@@ -311,8 +370,43 @@ def test_alignment_and_backend_settings_are_checked() -> None:
         gen.answer_logprobs(contexts, seq, mask, labels, log_mask)
     cepe, _ = load_generator("random:tiny", [" ".join(WORDS)])
     configure_generator(cepe, GeneratorConfig(attention_backend="eager"))  # the defaults apply to any family
+    # The form acts through T only: at T = 1 it changes nothing, for CEPE either.
+    configure_generator(cepe, GeneratorConfig(doc_temperature_form="per_key"))
     with pytest.raises(ValueError, match="apply to decoder-only generators only"):
         configure_generator(cepe, GeneratorConfig(doc_attention_scale=2.0))
+
+
+def test_group_form_equals_per_key_at_t_1_only() -> None:
+    gen = _generator("llama")
+    contexts, _, _, seq, mask, labels = _batch(gen)
+    log_mask = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    got = {}
+    for alignment in ((1.0, 2.5, "group"), (1.0, 2.5, "per_key"), (0.6, 2.5, "group"), (0.6, 2.5, "per_key")):
+        gen.set_context_alignment(*alignment)
+        got[alignment] = gen.answer_logprobs(contexts, seq, mask, labels, log_mask).token_logprobs
+    assert torch.equal(got[(1.0, 2.5, "group")], got[(1.0, 2.5, "per_key")])
+    assert (got[(0.6, 2.5, "group")] - got[(0.6, 2.5, "per_key")]).abs().max() > 1e-3
+    assert (got[(0.6, 2.5, "group")] - got[(1.0, 2.5, "group")]).abs().max() > 1e-3
+
+
+def test_group_form_with_every_document_masked_out_stays_finite() -> None:
+    """A row whose documents are all -inf (refused, but only when the deferred checks are read)
+    gets no group offset: finite outputs and gradients, the same as without documents in either form."""
+    gen = _generator("qwen2", alignment=(0.6, 2.5, "group"))
+    contexts, _, _, seq, mask, labels = _batch(gen, n=3)
+    log_mask = torch.tensor([[float("-inf")] * 3, [0.0, -1.0, 0.5]])
+    got = {}
+    for form in ("group", "per_key"):
+        gen.set_context_alignment(0.6, 2.5, form)
+        point = log_mask.clone().requires_grad_()
+        with deferred_checks() as checks:
+            out = gen.answer_logprobs(contexts, seq, mask, labels, point)
+            (grad,) = torch.autograd.grad(out.sum().sum(), point)
+        with pytest.raises(ValueError, match="key_bias is -inf for every key"):
+            checks.raise_failed("answer")
+        assert bool(torch.isfinite(out.token_logprobs).all()) and bool(torch.isfinite(grad).all())
+        got[form] = out.token_logprobs.detach()
+    torch.testing.assert_close(got["group"][0], got["per_key"][0])
 
 
 def test_collator_uses_the_generator_format() -> None:
@@ -345,8 +439,9 @@ def test_document_attention_mass_equals_the_plain_models_attention_weights() -> 
     torch.testing.assert_close(got, expected.reshape(1, 1), atol=1e-5, rtol=1e-5)
 
 
-def test_document_attention_mass_under_masks() -> None:
-    gen = _generator("qwen2")
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_document_attention_mass_under_masks(alignment: Alignment) -> None:
+    gen = _generator("qwen2", alignment=alignment)
     contexts, docs, masks, seq, mask, labels = _batch(gen, n=3)
     log_mask = torch.tensor([[0.0, -1.0, float("-inf")], [-0.5, 0.0, 0.0]])
     mass = gen.document_attention_mass(contexts, seq, mask, labels, log_mask)

@@ -7,10 +7,12 @@
 An off-the-shelf LLM reads independently encoded (parallel) documents worse than the same
 documents in one sequence; ``generator.doc_key_temperature`` T and
 ``generator.doc_attention_scale`` S (models/decoder_only.py) narrow the gap. This command
-grid-searches them by the generator setting's SubEM: at every (T, S) the generator answers each
-query greedily from the parallel context of the chosen documents (all candidates by default, the
-case the alignment is for, or the retriever's top k), exactly as ``grerank eval --setting
-generator`` does (:class:`grerank_dist.evaluation.evaluate.TopKAnswerer`).
+grid-searches them by the generator setting's SubEM, in the config's form of T,
+``generator.doc_temperature_form`` (APE's ``group`` by default; the override
+``generator.doc_temperature_form=per_key`` calibrates the other): at every (T, S) the generator
+answers each query greedily from the parallel context of the chosen documents (all candidates
+by default, the case the alignment is for, or the retriever's top k), exactly as ``grerank eval
+--setting generator`` does (:class:`grerank_dist.evaluation.evaluate.TopKAnswerer`).
 
 The reference is sequential reading: the same documents' tokens one after the other between the
 same prefix (BOS, instruction, chat-template head) and prompt, answered by the plain transformers
@@ -20,8 +22,9 @@ to the point nearest (1, 1), the unaligned model, which is always tried.
 
 Outputs in ``--out``: ``calibration.json`` (the reference, every point, the chosen one),
 ``calibration.md`` (the table printed on stdout) and ``predictions.jsonl`` (per query: the
-sequential answer and each point's answer, in the order of the points). ``--write-config``
-writes the run's config (overrides applied, paths resolved) with the chosen T and S.
+sequential answer and each point's answer, in the order of the points); the first two name the
+form. ``--write-config`` writes the run's config (overrides applied, paths resolved, every key
+written out, the form beside T and S) with the chosen T and S.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Calibration:
     points: list[GridPoint]
     chosen: GridPoint
     table: str
+    doc_temperature_form: str  # the form every point ran in (the config's)
 
 
 def alignment_grid(temperatures: list[float], scales: list[float]) -> list[tuple[float, float]]:
@@ -192,6 +196,7 @@ def calibrate(
     generator, tokenizer = load_decoder_only(config, records, device)
     answerer = make_answerer(generator, tokenizer, config, k, device)
     grid = alignment_grid(temperatures, scales)
+    form = config.generator.doc_temperature_form
 
     started = time.perf_counter()
     sequential: list[str] = []
@@ -201,7 +206,7 @@ def calibrate(
         rankings = {RETRIEVER: method_rankings(RETRIEVER, batch_records, [])}
         batch, contexts = answerer.encode(batch_records, list(range(start, start + len(batch_records))))
         for answers, (temperature, scale) in zip(parallel, grid):
-            generator.set_context_alignment(temperature, scale)
+            generator.set_context_alignment(temperature, scale, form)
             answers += answerer.answer(batch, contexts, rankings)[RETRIEVER]
         sequential += sequential_answers(generator, tokenizer, config, batch_records, k, answerer.stop_ids, device)
     elapsed = time.perf_counter() - started
@@ -216,7 +221,7 @@ def calibrate(
     ]
     chosen = choose(points)
     documents = "all candidates" if top_k is None else f"the retriever's top {k}"
-    table = calibration_table(reference, points, chosen)
+    table = calibration_table(reference, points, chosen, form)
     summary = {
         "config": config.source,
         "generator": config.generator.path,
@@ -225,6 +230,7 @@ def calibrate(
         "documents": documents,
         "top_k": top_k,
         "max_new_tokens": config.generator.max_new_tokens,
+        "doc_temperature_form": form,
         "seconds": elapsed,
         "sequential": {"subem": reference},
         "points": [asdict(p) for p in points],
@@ -241,17 +247,18 @@ def calibrate(
     print(table, flush=True)
     print(
         f"{len(records)} queries, {documents}, {len(points)} points in {elapsed:.1f}s; chosen T={chosen.doc_key_temperature:g} "
-        f"S={chosen.doc_attention_scale:g}; wrote {out_dir}", flush=True,
+        f"S={chosen.doc_attention_scale:g} ({form} form); wrote {out_dir}", flush=True,
     )
     if write_config is not None:
         write_calibrated_config(config, chosen, write_config, data_file)
         print(f"wrote {write_config}", flush=True)
-    return Calibration(reference, points, chosen, table)
+    return Calibration(reference, points, chosen, table, form)
 
 
-def calibration_table(reference: float, points: list[GridPoint], chosen: GridPoint) -> str:
-    """A markdown table: the sequential reference, then every point (SubEM in percent)."""
-    lines = ["| Context | T | S | SubEM | Ratio to sequential |", "|---|---:|---:|---:|---:|",
+def calibration_table(reference: float, points: list[GridPoint], chosen: GridPoint, form: str) -> str:
+    """A markdown table: the sequential reference, then every point (SubEM in percent); the
+    header names T's form."""
+    lines = [f"| Context | T ({form} form) | S | SubEM | Ratio to sequential |", "|---|---:|---:|---:|---:|",
              f"| sequential (plain model) | – | – | {100 * reference:.1f} | {'1.00' if reference > 0 else '–'} |"]
     for p in points:
         name = "parallel, chosen" if p is chosen else "parallel"
@@ -261,14 +268,16 @@ def calibration_table(reference: float, points: list[GridPoint], chosen: GridPoi
 
 
 def write_calibrated_config(config: TrainConfig, chosen: GridPoint, path: Path, data_file: str) -> None:
-    """The run's config as YAML with the chosen T and S: every key written out, file paths as
-    they were resolved, so it loads to the same run from any directory."""
+    """The run's config as YAML with the chosen T and S: every key written out (the form the
+    points ran in too, so a later change of its default does not change the run), file paths
+    as they were resolved, so it loads to the same run from any directory."""
     tree = config.to_dict()
     tree.pop("source")
     tree["generator"]["doc_key_temperature"] = chosen.doc_key_temperature
     tree["generator"]["doc_attention_scale"] = chosen.doc_attention_scale
     header = (f"# {config.source or 'the default config'} with the parallel-context alignment chosen by "
-              f"`grerank calibrate` on {data_file} (SubEM {100 * chosen.subem:.1f})\n")
+              f"`grerank calibrate` on {data_file} ({config.generator.doc_temperature_form} form, "
+              f"SubEM {100 * chosen.subem:.1f})\n")
     write_text(path, header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
 
 
@@ -287,9 +296,9 @@ def _positive_floats(text: str) -> list[float]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "At every (T, S) the generator answers each dev query greedily from the parallel context of the chosen "
-        "documents; the reference is the plain model reading the same documents in one sequence (same prefix, "
-        "instruction, chat template and prompt). The table (SubEM, ratio to the reference) is printed and written "
+        "At every (T, S), in the config's generator.doc_temperature_form, the generator answers each dev query "
+        "greedily from the parallel context of the chosen documents; the reference is the plain model reading the "
+        "same documents in one sequence (same prefix, instruction, chat template and prompt). The table (SubEM, ratio to the reference) is printed and written "
         "to OUT/calibration.md and OUT/calibration.json, the answers to OUT/predictions.jsonl. The chosen point has "
         "the highest SubEM, ties going to the point nearest (1, 1). Decoder-only generators only."
     )
@@ -313,7 +322,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="queries per batch (default train.micro_batch_size)")
     parser.add_argument("--out", default=None, help="output directory (default OUTPUT/calibrate)")
     parser.add_argument("--write-config", default=None, metavar="OUT.yaml",
-                        help="write the config with the chosen generator.doc_key_temperature and doc_attention_scale here")
+                        help="write the config with the chosen generator.doc_key_temperature and doc_attention_scale "
+                        "(and the doc_temperature_form they ran in) here")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
 
 

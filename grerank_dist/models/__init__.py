@@ -98,13 +98,13 @@ def load_generator(
 def configure_generator(model: torch.nn.Module, settings: GeneratorConfig) -> None:
     """Apply the generator section's attention settings to a loaded generator: the attention
     backend, and a decoder-only model's parallel-context alignment, which other families refuse
-    rather than silently ignore."""
+    rather than silently ignore (T or S != 1; the form alone is no change, as it acts through T)."""
     from grerank_dist.models.decoder_only import DecoderOnlyGenerator
 
     model.config.cross_attn_backend = settings.attention_backend
     alignment = (settings.doc_key_temperature, settings.doc_attention_scale)
     if isinstance(model, DecoderOnlyGenerator):
-        model.set_context_alignment(*alignment)
+        model.set_context_alignment(*alignment, settings.doc_temperature_form)
     elif alignment != (1.0, 1.0):
         raise ValueError(
             f"generator.doc_key_temperature and generator.doc_attention_scale apply to decoder-only generators only; "

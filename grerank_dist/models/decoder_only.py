@@ -13,28 +13,33 @@ Layout of one query with n candidates (positions in brackets)::
   causally; their positions continue at P+L. Each row's log-mask is first shifted so that its
   largest value is 0: log-masks then mean the same up to a constant, as for CEPE and FiD.
 
-Parallel-context alignment (``generator.doc_key_temperature`` T, ``generator.doc_attention_scale``
-S; both 1 by default, which skips them): a prompt/answer query scores
+Parallel-context alignment, after APE (Yang, Chen, Chen, ICLR 2025: shared prefix, attention
+temperature, scaling factor): ``generator.doc_key_temperature`` T, ``generator.doc_attention_scale``
+S (both 1 by default, which skips them) and ``generator.doc_temperature_form``. With
+s = q.k / sqrt(d) and b_j = log m_i(j) - max_i log m_i (key j's document's log-mask, row-shifted),
+a prompt/answer query scores, in one softmax,
 
-    prefix key p:       q.k_p / sqrt(d)
-    document key j:     q.k_j / (sqrt(d) T) + log m_i(j) - max_i log m_i + log S
-    own key t <= query: q.k_t / sqrt(d)
+    prefix key p:       s_p
+    own key t <= query: s_t
+    document key j:     s_j / T + b_j + log S                   per_key
+                        s_j / T + b_j + log S + (T - 1) LSE     group (the default)
 
-and one softmax runs over all of them. T < 1 sharpens the attention within the documents;
-S multiplies the documents' unnormalised attention mass against the prefix's and the
-prompt's own (log S is added after the row shift, so a constant log-mask is still no mask and
-S is the weight of the strongest document); a mask m_i still multiplies its document's weights,
-0 still removes it, and the mask gradient is that of an additive bias.
+with LSE = logsumexp_j'(s_j' / T + b_j') over all document keys j' (not the prefix's), per row,
+head and query position. ``group`` is APE's form: the documents split their share by
+softmax(s_j / T + b_j), and together weigh exp(G), G = T LSE + log S, against the prefix's and the
+prompt's own exp(s). Without masks G - log S lies within [max_j s_j, max_j s_j + T log N] (N
+document keys), so T sharpens the attention within the documents but barely moves their share; ``per_key`` also multiplies each
+document key's weight by exp(s_j (1/T - 1)), so their share follows the scores' size (re-tune S
+with T). At T = 1 both are the same softmax (the offset is not computed), and S is APE's scaling
+factor. log S comes after the row shift, so a constant log-mask is still no mask and S multiplies
+the documents' weight against the prefix's and the prompt's; a mask m_i multiplies its
+document's weight within the documents, 0 removes it exactly, and in ``group`` its gradient also
+goes through LSE (a row whose documents are all masked out stays finite, no NaN).
 
-APE (Yang, Chen, Chen, ICLR 2025; shared prefix, attention temperature, scaling factor), as its
-public eager code reads, splits the contexts' keys j by softmax(s_j / T), s_j = q.k_j / sqrt(d),
-as here, but gives them together the logit T * logsumexp_j(s_j / T) + log S against the prefix
-and the query's own keys: equal to this at T = 1 (S is then APE's scaling factor exactly). For
-T != 1 APE's group logit stays within [max s, max s + T log N], so T barely moves the contexts'
-share, while here each document key's weight also changes by exp(s_j (1/T - 1)), so their share
-follows the scores' size (re-tune S with T). APE's form needs each query's log-sum-exp over the
-documents, which no per-key bias carries; this one is a key scale plus a bias, which every
-attention backend computes with the mask's gradient, fused kernels included.
+``per_key`` is a key scale plus a per-key bias, which every attention backend computes with the
+mask's gradient, fused kernels included; ``group``'s offset depends on the query, which no
+per-key bias carries, so at T != 1 it runs on the eager backend only (the others are refused at
+backend resolution, ``auto`` is eager).
 
 Everything goes through transformers' attention interface: the model runs with the attention
 function registered here (:data:`ATTENTION_NAME`), which receives the documents' keys, values
@@ -71,6 +76,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from grerank_dist.config import DOC_TEMPERATURE_FORMS
 from grerank_dist.method.attention import check_key_bias, expand_doc_bias, masked_attention, resolve_backend
 from grerank_dist.interface import (
     AnswerLogProbs,
@@ -126,6 +132,8 @@ class _ParallelKeys:
     key_bias: torch.Tensor  # [R, P + n*L], R = B*m rows (m masks per query, consecutive); log S included
     backend: str = "eager"  # the prompt/answer pass's attention backend, resolved (never "auto")
     temperature: float = 1.0  # T, on the document keys' scores (not the prefix's)
+    group_offset: bool = False  # add APE's per-query offset (T - 1) LSE to the document keys (eager only)
+    log_scale: float = 0.0  # log S, in key_bias already: LSE is taken without it
     # document_attention_mass only: weight [R, S] of each query position, value-norm weighting,
     # and the per-layer [R, P + n*L] key masses it collects.
     mass_queries: torch.Tensor | None = None
@@ -148,8 +156,8 @@ def parallel_context_attention(
 
     ``query`` [R, H, S, D]; ``key``/``value`` [R, Hkv, K, D] the rows' own (cached) tokens;
     ``attention_mask`` [R, 1, S, K] additive. One softmax in fp32 (fp64 stays fp64) over both key
-    sets, with the log-mask bias and T on the documents' keys. Eager (also for
-    ``document_attention_mass``, which reads the probabilities): the documents' keys
+    sets, with the log-mask bias, T and the group form's offset on the documents' keys. Eager
+    (also for ``document_attention_mass``, which reads the probabilities): the documents' keys
     [B, Hkv, N, D] are broadcast over each query's m rows by reshaping the queries, not by
     copying keys; other backends: :func:`_fused_attention`. Without ``parallel_keys`` (the
     pre-fill) this is transformers' SDPA. Returns [R, S, H, D] as every attention function does.
@@ -183,6 +191,8 @@ def parallel_context_attention(
     doc_scores = doc_scores.reshape(batch, n_kv, per_query, group * q_len, n_doc_keys) * doc_scale
     bias = parallel_keys.key_bias.to(compute).reshape(batch, 1, per_query, 1, n_doc_keys)
     doc_scores = (doc_scores + bias).transpose(1, 2).reshape(rows, n_kv, group * q_len, n_doc_keys)
+    if parallel_keys.group_offset:
+        doc_scores = _add_group_offset(doc_scores, parallel_keys)
     # Own tokens: grouped heads as extra query rows, causal/padding mask per row.
     own_scores = torch.matmul(q.reshape(rows, n_kv, group * q_len, head_dim), key.to(compute).transpose(-1, -2)) * scale
     if attention_mask is not None:
@@ -198,6 +208,19 @@ def parallel_context_attention(
     out = doc_out.reshape(rows, n_kv, group * q_len, head_dim) + torch.matmul(own_probs, value.to(compute))
     out = out.reshape(rows, n_heads, q_len, head_dim).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _add_group_offset(doc_scores: torch.Tensor, keys: _ParallelKeys) -> torch.Tensor:
+    """APE's group form of the [prefix + documents] logits [..., P + n*L]: each document logit
+    x_j = s_j / T + b_j + log S plus (T - 1) (logsumexp_j x_j - log S), the same offset for all
+    of a query's document keys (module docstring)."""
+    prefix_len = keys.contexts.prefix_len
+    prefix, docs = doc_scores.split([prefix_len, doc_scores.shape[-1] - prefix_len], dim=-1)
+    # A row whose documents are all -inf (masked out) would get an infinite offset and NaN logits,
+    # and NaN from logsumexp's backward: its scores are read as 0, and any finite offset leaves them -inf.
+    empty = torch.isneginf(docs).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(docs.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    return torch.cat([prefix, docs + (keys.temperature - 1.0) * (lse - keys.log_scale)], dim=-1)
 
 
 def _fused_attention(
@@ -303,6 +326,7 @@ class DecoderOnlyGenerator(nn.Module):
         self.checkpoint_layers = False
         self.doc_key_temperature = 1.0
         self.doc_attention_scale = 1.0
+        self.doc_temperature_form = "group"
         self._cache_keyword = cache_keyword(type(lm.model).forward)
         self.lm.requires_grad_(False)
         self.lm.eval()
@@ -311,13 +335,25 @@ class DecoderOnlyGenerator(nn.Module):
     def config(self) -> Any:
         return self.lm.config
 
-    def set_context_alignment(self, doc_key_temperature: float, doc_attention_scale: float) -> None:
-        """Set T and S of the prompt/answer pass (module docstring; 1 and 1 change nothing)."""
+    def set_context_alignment(
+        self, doc_key_temperature: float, doc_attention_scale: float, doc_temperature_form: str = "group"
+    ) -> None:
+        """Set T, S and T's form of the prompt/answer pass (module docstring; T = S = 1 change nothing)."""
         for name, value in (("doc_key_temperature", doc_key_temperature), ("doc_attention_scale", doc_attention_scale)):
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"generator.{name} must be a finite number > 0, got {value!r}")
+        if doc_temperature_form not in DOC_TEMPERATURE_FORMS:
+            raise ValueError(
+                f"generator.doc_temperature_form must be one of {DOC_TEMPERATURE_FORMS}, got {doc_temperature_form!r}"
+            )
         self.doc_key_temperature = float(doc_key_temperature)
         self.doc_attention_scale = float(doc_attention_scale)
+        self.doc_temperature_form = doc_temperature_form
+
+    @property
+    def _group_offset(self) -> bool:
+        """Whether the document keys take APE's per-query offset (group form; it is 0 at T = 1)."""
+        return self.doc_temperature_form == "group" and self.doc_key_temperature != 1.0
 
     def activation_checkpointing_enable(self) -> None:
         """Recompute each decoder layer of the prompt/answer pass in backward (non-reentrant, so
@@ -389,21 +425,32 @@ class DecoderOnlyGenerator(nn.Module):
         doc_bias = expand_doc_bias(row_masks, contexts.key_padding)
         check_key_bias(doc_bias)
         prefix_bias = doc_bias.new_zeros(doc_bias.shape[0], contexts.prefix_len)  # the prefix is no document: never masked
-        keys = _ParallelKeys(contexts, torch.cat([prefix_bias, doc_bias], dim=1), temperature=self.doc_key_temperature)
+        keys = _ParallelKeys(
+            contexts, torch.cat([prefix_bias, doc_bias], dim=1), temperature=self.doc_key_temperature,
+            group_offset=self._group_offset, log_scale=math.log(self.doc_attention_scale),
+        )
         keys.backend = self._backend(doc_bias)
         return tensors, keys, per_query
 
     def _backend(self, doc_bias: torch.Tensor) -> str:
-        """The prompt/answer pass's backend, ``config.cross_attn_backend`` ("auto": eager, module docstring)."""
+        """The prompt/answer pass's backend, ``config.cross_attn_backend`` ("auto": eager, module
+        docstring); the fused ones take a per-key bias only, so not the group form at T != 1."""
         requested = self.config.cross_attn_backend
         if requested == "auto":
             return "eager"
         requires_grad = torch.is_grad_enabled() and doc_bias.requires_grad
         dtype = self.lm.get_input_embeddings().weight.dtype
         try:
-            return resolve_backend(requested, doc_bias.device, dtype, requires_grad, query_mask=True)
+            backend = resolve_backend(requested, doc_bias.device, dtype, requires_grad, query_mask=True)
         except ValueError as exc:
             raise ValueError(f"generator.attention_backend: {exc}") from exc
+        if backend != "eager" and self._group_offset:
+            raise ValueError(
+                f"generator.attention_backend={backend!r} takes a per-key bias only, but generator.doc_temperature_form="
+                f"'group' at generator.doc_key_temperature={self.doc_key_temperature:g} adds a per-query offset: set "
+                f"generator.attention_backend to 'eager' or 'auto', or generator.doc_temperature_form to 'per_key'"
+            )
+        return backend
 
     def _hidden(
         self,
