@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
@@ -424,6 +425,34 @@ def test_bf16_answer_logprobs_come_from_fp32_logits():
     expected = answer_logprobs_of(exact_logits)
     torch.testing.assert_close(answer.token_logprobs[:, 1:].double(), expected, atol=2e-5, rtol=0)
     assert (answer_logprobs_of(exact_logits.bfloat16()) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_head_casts_a_bf16_weight_in_blocks_with_the_whole_cast_values_and_gradients(monkeypatch, with_bias):
+    """Fp32LMHead on a bf16 weight, cast 3 rows at a time (a block size that does not divide the
+    37-row vocabulary), against F.linear on the whole weight cast to fp32: the same logits, and
+    the same gradients for the hidden states, the weight and the bias."""
+    from grerank_dist.models import cepe
+
+    torch.manual_seed(0)
+    head = cepe.Fp32LMHead(16, 37, bias=with_bias).to(torch.bfloat16)
+    monkeypatch.setattr(cepe, "upcast_block_bytes", lambda device: 3 * 16 * 4)
+    hidden = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    reference_weight = head.weight.detach().clone().requires_grad_()
+    reference_bias = None if head.bias is None else head.bias.detach().clone().requires_grad_()
+    logits = head(hidden)
+    expected = F.linear(reference_hidden.float(), reference_weight.float(),
+                        None if reference_bias is None else reference_bias.float())
+    assert logits.dtype == torch.float32 and logits.shape == (2, 5, 37)
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    upstream = torch.randn_like(expected)
+    (logits * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad)
+    torch.testing.assert_close(head.weight.grad, reference_weight.grad)
+    if with_bias:
+        torch.testing.assert_close(head.bias.grad, reference_bias.grad)
 
 
 def test_bad_shapes_are_rejected(model):

@@ -89,13 +89,26 @@ def test_bench_runs_at_the_tiny_shape_and_prints_every_column(tmp_path):
     header = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["variant"])
     for column in (*PHASES, "step", "q/s", "GFLOP", "%peak", "RSS"):
         assert column in header, column
-    assert "efficient vs naive" in proc.stdout and "bf16 vs fp32 generator" in proc.stdout
+    assert "efficient vs naive" in proc.stdout and "bf16 vs efficient (fp32)" in proc.stdout
+    assert "bf16-all vs efficient (fp32)" in proc.stdout and "what bounds the step" in proc.stdout
     assert "total   = 3*F_rr" in proc.stdout  # the FLOP formula is printed
     results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == set(VARIANTS)
     # Same records for every variant: same useful FLOPs; the naive one pads to doc_max_tokens.
-    assert results["naive"]["flops_useful"] == results["efficient"]["flops_useful"] > 0
-    assert results["naive"]["flops_executed"] > results["efficient"]["flops_executed"]
+    assert results["naive"]["flops_useful"] == results["efficient"]["flops_useful"]
+    assert set(results["efficient"]["flops_useful"]) == {"float32"}
+    assert sum(results["naive"]["flops_executed"].values()) > sum(results["efficient"]["flops_executed"].values())
+    # FLOPs by the dtype each part runs in: the bf16 generator's parts move to bfloat16, the
+    # reranker's too in bf16-all; the total is the same.
+    mixed, low = results["bf16"]["flops_useful"], results["bf16-all"]["flops_useful"]
+    assert set(mixed) == {"float32", "bfloat16"} and set(low) == {"bfloat16"}
+    assert abs(sum(mixed.values()) - sum(results["efficient"]["flops_useful"].values())) < 1
+    # The profiled step's matmuls were found, with FLOPs in the dtypes the variant runs.
+    for name, result in results.items():
+        matmuls = result["matmuls"]
+        assert matmuls["calls"] > 0 and matmuls["step_seconds"] > 0 and matmuls["alone_seconds"] > 0, name
+    assert set(results["efficient"]["matmuls"]["flops"]) == {"float32"}
+    assert "bfloat16" in results["bf16"]["matmuls"]["flops"] and "float32" in results["bf16"]["matmuls"]["flops"]
     # The bf16 generator scores the same answers as the fp32 one up to bf16 rounding.
     for fp32, bf16 in zip(results["efficient"]["answer_loglik"], results["bf16"]["answer_loglik"]):
         assert abs(fp32 - bf16) < 0.05 and fp32 < 0
@@ -177,7 +190,7 @@ def test_gather_schedule_and_projection_arithmetic_by_hand():
 def test_gpu_path_choices_given_a_faked_capability_set(monkeypatch):
     """No GPU here: the selection logic alone. `auto` on CUDA picks flash-attn (through the folded
     channel) when installed, else the folded channel on SDPA's fused kernels for bf16, SDPA with a
-    float mask for fp32; the fused AdamW is requested only on CUDA."""
+    float mask for fp32; the fused AdamW is requested on CUDA and CPU."""
     from grerank_dist.method import attention
     from grerank_dist.training.strategy import DeepSpeedStrategy
 
@@ -189,4 +202,28 @@ def test_gpu_path_choices_given_a_faked_capability_set(monkeypatch):
     assert attention.auto_backend(cuda, torch.float32, requires_grad=True) == "sdpa"
     assert attention.auto_backend(torch.device("cpu"), torch.float32, requires_grad=True) != "flash"
     assert DeepSpeedStrategy.adamw_options(cuda) == {"fused": True}
-    assert DeepSpeedStrategy.adamw_options(torch.device("cpu")) == {}
+    assert DeepSpeedStrategy.adamw_options(torch.device("cpu")) == {"fused": True}
+    assert DeepSpeedStrategy.adamw_options(torch.device("mps")) == {}
+
+
+def test_reranker_optimizer_on_cpu_is_fused_and_steps_like_the_default_adamw():
+    """The fused CPU AdamW the strategy asks for updates parameters as torch's default
+    (foreach) AdamW does, over three steps with weight decay."""
+    from grerank_dist.training.strategy import DeepSpeedStrategy
+
+    torch.manual_seed(0)
+    start = [torch.randn(37, 5), torch.randn(11)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    final = {}
+    for name, options in (("fused", DeepSpeedStrategy.adamw_options(torch.device("cpu"))), ("default", {})):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **options)
+        assert bool(optimizer.defaults["fused"]) == (name == "fused")
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        final[name] = params
+    for fused, default, initial in zip(final["fused"], final["default"], start):
+        assert (fused - initial).abs().mean() > 1e-2  # it moved (3 steps of lr 1e-2)
+        torch.testing.assert_close(fused, default, atol=1e-6, rtol=0)
