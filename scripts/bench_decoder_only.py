@@ -12,7 +12,8 @@ documents with its own layers. Medians of alternating runs (scripts/bench_genera
 ``--backends`` times the whole step and its answer pass alone (forward + backward over encoded
 documents) per backend, and the answer pass's peak tensor memory (bytes allocated inside it and
 alive at once, counted in a separate untimed run); ``--hidden/--heads/--kv-heads/--layers`` change
-the decoder's shape, ``--temperature/--scale`` set generator.doc_key_temperature/doc_attention_scale.
+the decoder's shape, ``--temperature/--scale`` set generator.doc_key_temperature/doc_attention_scale
+(``--form``: generator.doc_temperature_form; the fused backends take ``per_key`` only when T != 1).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def compare_backends(args: argparse.Namespace, backends: list[str]) -> None:
              "num_hidden_layers": args.layers, "intermediate_size": 2 * args.hidden}
     lm = AutoModelForCausalLM.from_config(tiny_config("llama", vocab, **shape))
     decoder = DecoderOnlyGenerator(lm, list(range(4, 4 + args.prefix_len)), InputFormat("{text}", "{question}", prompt_bos=False))
-    decoder.set_context_alignment(args.temperature, args.scale)
+    decoder.set_context_alignment(args.temperature, args.scale, args.form)
     enc_ids = torch.randint(4, vocab, (args.batch, args.docs, args.doc_len))
     enc_mask = torch.ones_like(enc_ids)
     ids = torch.randint(4, vocab, (args.batch, args.seq_len))
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--form", choices=("group", "per_key"), default="per_key",
+                        help="generator.doc_temperature_form (default per_key: every backend computes it)")
     parser.add_argument("--scale", type=float, default=1.0)
     args = parser.parse_args()
     if args.backends:

@@ -1,6 +1,6 @@
 """Time one G-Rerank training step through the real trainer path, phase by phase.
 
-    grerank bench --shape tiny|small|7b-slice [--steps 5 --warmup 2 --variants efficient,naive,bf16]
+    grerank bench --shape tiny|small|7b-slice [--steps 5 --warmup 2 --variants efficient,naive,bf16,bf16-all]
 
 Random-weight models of a named shape (a CEPE generator and a BERT cross-encoder) run
 :func:`grerank_dist.training.train.training_step` inside a :class:`DeepSpeedStrategy` on this process, on
@@ -13,7 +13,9 @@ own engines and times warm steps:
   checkpointing (so cross K/V are projected again in backward), documents at the fixed
   ``doc_max_tokens`` width, one query per micro-step (B micro-steps accumulate one update);
 - ``bf16``: ``efficient`` with the generator in bf16 (the reranker stays fp32); its answer
-  log-likelihoods are compared with the fp32 generator's on the same batch.
+  log-likelihoods are compared with the fp32 generator's on the same batch;
+- ``bf16-all``: ``bf16`` with the reranker's engine in bf16 too (DeepSpeed's bf16 mode: fp32
+  master weights, bf16 forward and backward), for CPUs and GPUs with bf16 matrix units.
 
 Phases are timed with wall clocks around the step's own parts (module hooks and wrappers, no
 change to the step): reranker forward/backward (split by a hook on the scores' gradient), document
@@ -21,7 +23,11 @@ encoding, cross K/V projections, decoder forward/backward, optimizer, communicat
 calls of one extra profiled step), data (tokenisation and padding, done ahead of the step, shown
 apart). FLOPs are counted analytically (the formula is printed) for the real tokens ("useful")
 and for the padded shapes the step executes; the machine's matmul peak comes from a GEMM probe
-in the same process, dtype and thread count. Timings on CPU need no device synchronisation.
+in the same process, dtype and thread count, and a variant's peak time is each part's FLOPs at
+the peak of the dtype it runs in. What bounds a step is read from one profiled step: its matmul
+calls by shape and dtype, their time in the step, and the same products timed alone
+(:func:`matmul_bounds`): time the shapes themselves cost, against time lost around them.
+Timings on CPU need no device synchronisation.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import resource
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,7 +54,7 @@ from grerank_dist.training.strategy import DeepSpeedStrategy
 from grerank_dist.training.train import training_step
 
 PHASES = ("data", "rr_fwd", "rr_bwd", "encode", "cross_kv", "dec_fwd", "dec_bwd", "optim", "comm", "other")
-VARIANTS = ("efficient", "naive", "bf16")
+VARIANTS = ("efficient", "naive", "bf16", "bf16-all")
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -154,6 +160,64 @@ def _comm_seconds(profile: Any) -> float:
     return sum(e.cpu_time_total for e in profile.key_averages() if any(k in e.key.lower() for k in keys)) / 1e6
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+@dataclass
+class MatmulBounds:
+    """The matmul calls of one profiled step: FLOPs by dtype, seconds in the step, and seconds of
+    the same products run alone (each shape warm, the best of a few runs)."""
+
+    calls: int = 0
+    flops: dict[str, float] = field(default_factory=dict)
+    step_seconds: float = 0.0
+    alone_seconds: float = 0.0
+
+
+def _matmul_operands(name: str, shapes: list[list[int]]) -> tuple[int, int, int, int]:
+    """(batch, m, k, n) of a profiled matmul from its input shapes (addmm/baddbmm: bias first)."""
+    a, b = shapes[1:3] if name in ("aten::addmm", "aten::baddbmm") else shapes[:2]
+    if len(a) == 3:
+        return a[0], a[1], a[2], b[2]
+    return 1, a[0], a[1], b[1]
+
+
+def matmul_bounds(profile: Any, repeats: int = 3) -> MatmulBounds:
+    """Group the profile's matmuls (recorded with shapes) by (op, shape, dtype), then time each
+    group's product alone: the step's matmul time over the alone time says what the step loses
+    around its matmuls (cache, threads, hooks), the alone time over the peak time what the
+    shapes themselves allow (a 16-row product streams its weight from memory)."""
+    groups: dict[tuple[str, tuple[int, int, int, int], str], list[float]] = defaultdict(list)
+    for event in profile.events():
+        if event.name in MATMUL_OPS and event.input_shapes:
+            dtype = next((d for d in event.input_dtypes if d), "float")
+            groups[(event.name, _matmul_operands(event.name, event.input_shapes), dtype)].append(event.cpu_time_total / 1e6)
+    bounds = MatmulBounds()
+    for (_, (batch, m, k, n), dtype_name), seconds in groups.items():
+        dtype = torch.bfloat16 if "BFloat16" in dtype_name else torch.float32
+        a, b = torch.randn(batch, m, k).to(dtype), torch.randn(batch, k, n).to(dtype)
+        product = torch.mm if batch == 1 else torch.bmm
+        operands = (a[0], b[0]) if batch == 1 else (a, b)
+        product(*operands)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product(*operands)
+            best = min(best, time.perf_counter() - start)
+        flops = 2 * batch * m * k * n
+        bounds.calls += len(seconds)
+        name = str(dtype).removeprefix("torch.")
+        bounds.flops[name] = bounds.flops.get(name, 0.0) + flops * len(seconds)
+        bounds.step_seconds += sum(seconds)
+        bounds.alone_seconds += best * len(seconds)
+    return bounds
+
+
+def peak_seconds(flops: dict[str, float], peaks: dict[str, float]) -> float:
+    """Seconds of FLOPs by dtype at the GEMM peak of each dtype."""
+    return sum(count / peaks[dtype] for dtype, count in flops.items() if count)
+
+
 @dataclass
 class VariantResult:
     name: str
@@ -161,14 +225,26 @@ class VariantResult:
     step_s: float
     step_cpu_s: float  # the process's CPU time in that step (on a shared machine, less than wall x threads)
     queries_per_s: float
-    flops_useful: float
-    flops_executed: float
+    flops_useful: dict[str, float]  # by dtype (float32, bfloat16)
+    flops_executed: dict[str, float]
     peak_rss_gb: float
     answer_loglik: list[float]  # mean per-token log-likelihood per query of the first batch (no mask noise)
+    matmuls: MatmulBounds | None = None
     profile_table: str = ""
 
 
-def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: list[dict[str, Any]]) -> VariantResult:
+def flops_by_dtype(parts: dict[str, float], generator_dtype: str, reranker_dtype: str) -> dict[str, float]:
+    """A step's FLOPs split by the dtype each part runs in (the reranker's; the generator's for
+    the encoder, K/V and decoder)."""
+    split = defaultdict(float)
+    split[reranker_dtype] += parts["reranker"]
+    split[generator_dtype] += parts["total"] - parts["reranker"]
+    return dict(split)
+
+
+def run_variant(
+    shape: Shape, variant: str, args: argparse.Namespace, records: list[dict[str, Any]]
+) -> VariantResult:
     """Build the engines of one variant, prepare its batches ahead, time warm steps."""
     built = build_engines(shape, bench_config(shape, variant, args.override), args.seed, variant != "naive")
     config, strategy, model_config, generator = built.config, built.strategy, built.model_config, built.generator
@@ -198,7 +274,7 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
             cpu_totals.append(time.process_time() - cpu_start)
             per_step.append(dict(clock.times))
     profile_table = ""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
         for m, batch in enumerate(batches[-1]):
             training_step(strategy, reranker, generator, batch, config, noise_generator(config.seed, 0, 10**6 + m, strategy.device))
     comm = _comm_seconds(profile)
@@ -220,10 +296,19 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
         "comm": comm,
     }
     phases["other"] = step_s - sum(v for k, v in phases.items() if k not in ("data", "comm"))
-    useful = statistics.median(step_flops(model_config, rr_model.config, b, useful=True)["total"] for b in whole)
-    executed = statistics.median(
-        sum(step_flops(model_config, rr_model.config, b, useful=False)["total"] for b in micro) for micro in batches
-    )
+    matmuls = matmul_bounds(profile)
+    dtypes = (str(strategy.dtype).removeprefix("torch."), config.reranker.dtype)
+
+    def step_split(micro: list[Any], useful: bool) -> dict[str, float]:  # one step's FLOPs by dtype
+        split: dict[str, float] = defaultdict(float)
+        for batch in micro:
+            for dtype, count in flops_by_dtype(step_flops(model_config, rr_model.config, batch, useful), *dtypes).items():
+                split[dtype] += count
+        return dict(split)
+
+    # FLOPs of the step with the median total (useful: whole batches of B; executed: the micro-steps run).
+    useful_by_dtype = sorted((step_split([b], True) for b in whole), key=lambda d: sum(d.values()))[len(whole) // 2]
+    executed_by_dtype = sorted((step_split(m, False) for m in batches), key=lambda d: sum(d.values()))[len(batches) // 2]
     with torch.no_grad():
         first = whole[0]
         contexts = generator.encode_contexts(first.encoder_input_ids, first.encoder_attention_mask)
@@ -231,9 +316,9 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
         loglik = generator.answer_logprobs(contexts, first.input_ids, first.attention_mask, first.labels, zeros).mean()
     close_engines(built)
     result = VariantResult(
-        name=variant, phases=phases, step_s=step_s, step_cpu_s=step_cpu_s, queries_per_s=shape.batch / step_s, flops_useful=useful,
-        flops_executed=executed, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        answer_loglik=loglik.float().tolist(), profile_table=profile_table,
+        name=variant, phases=phases, step_s=step_s, step_cpu_s=step_cpu_s, queries_per_s=shape.batch / step_s,
+        flops_useful=useful_by_dtype, flops_executed=executed_by_dtype, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        answer_loglik=loglik.float().tolist(), matmuls=matmuls, profile_table=profile_table,
     )
     del built, strategy, generator, reranker, rr_model
     gc.collect()
@@ -241,35 +326,46 @@ def run_variant(shape: Shape, variant: str, args: argparse.Namespace, records: l
 
 
 def report(shape_name: str, results: list[VariantResult], peaks: dict[str, float], threads: int) -> str:
-    """The table (milliseconds per step) and the comparisons, as printed."""
+    """The table (milliseconds per step), what bounds each step's matmuls, and the comparisons."""
     lines = [f"shape {shape_name}, {threads} threads; GEMM peak " +
              ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), FLOP_FORMULA, ""]
     head = ["variant", *PHASES, "step", "step CPU", "q/s", "GFLOP use", "GFLOP exec", "use %peak", "exec %peak",
             "use %pk CPU", "RSS GB"]
     lines.append(" ".join(f"{h:>10s}" for h in head))
     for r in results:
-        peak = peaks["bfloat16" if r.name == "bf16" else "float32"]
+        useful_s, executed_s = peak_seconds(r.flops_useful, peaks), peak_seconds(r.flops_executed, peaks)
         cells = [r.name, *(f"{r.phases[p] * 1e3:.1f}" for p in PHASES), f"{r.step_s * 1e3:.1f}",
-                 f"{r.step_cpu_s * 1e3:.1f}", f"{r.queries_per_s:.2f}", f"{r.flops_useful / 1e9:.2f}",
-                 f"{r.flops_executed / 1e9:.2f}", f"{100 * r.flops_useful / r.step_s / peak:.1f}",
-                 f"{100 * r.flops_executed / r.step_s / peak:.1f}",
-                 f"{100 * r.flops_useful / (r.step_cpu_s / threads) / peak:.1f}", f"{r.peak_rss_gb:.2f}"]
+                 f"{r.step_cpu_s * 1e3:.1f}", f"{r.queries_per_s:.2f}", f"{sum(r.flops_useful.values()) / 1e9:.2f}",
+                 f"{sum(r.flops_executed.values()) / 1e9:.2f}", f"{100 * useful_s / r.step_s:.1f}",
+                 f"{100 * executed_s / r.step_s:.1f}", f"{100 * useful_s / (r.step_cpu_s / threads):.1f}",
+                 f"{r.peak_rss_gb:.2f}"]
         lines.append(" ".join(f"{c:>10s}" for c in cells))
     lines.append("(ms per step: the phases of the median step; data is tokenisation done ahead of the step, not "
                  "in 'step'; comm: collectives of one profiled step, inside the other phases; other: step minus "
-                 "the phases (relaxation, loss, hooks); %peak: FLOP/s over wall time, 'CPU': over the step's CPU "
-                 "time / threads, what a dedicated machine would see; RSS: the process's peak so far)")
+                 "the phases (relaxation, loss, hooks); %peak: the FLOPs' time at the GEMM peak of the dtype "
+                 "each part runs in, over wall time, 'CPU': over the step's CPU time / threads, what a dedicated "
+                 "machine would see; RSS: the process's peak so far)")
+    lines.append("what bounds the step (one profiled step, ms): matmuls in the step | the same products alone | "
+                 "those FLOPs at the GEMM peak | the rest of the step")
+    for r in results:
+        m = r.matmuls
+        lines.append(f"  {r.name}: {m.calls} matmuls, {sum(m.flops.values()) / 1e9:.1f} GFLOP: "
+                     f"{m.step_seconds * 1e3:.0f} | {m.alone_seconds * 1e3:.0f} | {peak_seconds(m.flops, peaks) * 1e3:.0f} | "
+                     f"{(r.step_s - m.step_seconds) * 1e3:.0f} (the shapes alone reach "
+                     f"{100 * peak_seconds(m.flops, peaks) / m.alone_seconds:.0f}% of the peak; in the step "
+                     f"{100 * peak_seconds(m.flops, peaks) / m.step_seconds:.0f}%)")
     by_name = {r.name: r for r in results}
     if "efficient" in by_name and "naive" in by_name:
         naive, fast = by_name["naive"], by_name["efficient"]
         lines.append(f"efficient vs naive: {naive.step_s / fast.step_s:.2f}x faster per step in wall time, "
                      f"{naive.step_cpu_s / fast.step_cpu_s:.2f}x in CPU time")
-    if "efficient" in by_name and "bf16" in by_name:
-        diff = max(abs(a - b) for a, b in zip(by_name["efficient"].answer_loglik, by_name["bf16"].answer_loglik))
-        fp32, bf16 = by_name["efficient"], by_name["bf16"]
-        lines.append(f"bf16 vs fp32 generator: {fp32.step_s / bf16.step_s:.2f}x faster per step in wall time, "
-                     f"{fp32.step_cpu_s / bf16.step_cpu_s:.2f}x in CPU time; "
-                     f"mean per-token answer log-likelihood differs by at most {diff:.4f} nats")
+    for name in ("bf16", "bf16-all"):
+        if "efficient" in by_name and name in by_name:
+            fp32, low = by_name["efficient"], by_name[name]
+            diff = max(abs(a - b) for a, b in zip(fp32.answer_loglik, low.answer_loglik))
+            lines.append(f"{name} vs efficient (fp32): {fp32.step_s / low.step_s:.2f}x faster per step in wall time, "
+                         f"{fp32.step_cpu_s / low.step_cpu_s:.2f}x in CPU time; mean per-token answer "
+                         f"log-likelihood differs by at most {diff:.4f} nats")
     return "\n".join(lines)
 
 
@@ -303,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     shape = SHAPES[args.shape]
     peak_size = 512 if args.shape == "tiny" else 1024
     peaks = {"float32": gemm_peak(torch.float32, peak_size)}
-    if "bf16" in variants:
+    if any(v.startswith("bf16") for v in variants):
         peaks["bfloat16"] = gemm_peak(torch.bfloat16, peak_size)
     records = synthetic_records(shape, shape.batch * (args.warmup + args.steps), args.seed)
     results = [run_variant(shape, v, args, records) for v in variants]
@@ -316,6 +412,6 @@ def run(args: argparse.Namespace) -> int:
     print(text, flush=True)
     if args.json:
         payload = {"shape": args.shape, "threads": torch.get_num_threads(), "gemm_peak_flops": peaks,
-                   "torch": torch.__version__, "results": [vars(r) | {"profile_table": ""} for r in results]}
+                   "torch": torch.__version__, "results": [asdict(r) | {"profile_table": ""} for r in results]}
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
