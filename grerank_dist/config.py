@@ -395,6 +395,11 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     form = config.generator.doc_temperature_form
     if form not in DOC_TEMPERATURE_FORMS:
         fail("generator.doc_temperature_form", f"must be one of {DOC_TEMPERATURE_FORMS}, got {form!r}")
+    backend = config.generator.attention_backend
+    if form == "group" and config.generator.doc_key_temperature != 1 and backend not in ("auto", "eager"):
+        # Refused here, before any weights load; models/decoder_only.py says why.
+        fail("generator.attention_backend", f"{backend!r} cannot carry the group form's per-query offset at "
+             "generator.doc_key_temperature != 1: use auto or eager, or generator.doc_temperature_form=per_key")
     if not _is_number(t.lr) or t.lr <= 0:
         fail("train.lr", f"must be > 0, got {t.lr!r}")
     if not _is_number(t.max_grad_norm) or t.max_grad_norm < 0:

@@ -70,9 +70,13 @@ def test_parallel_context_alignment_defaults_to_no_change():
         ("", ["generator.doc_temperature_form=ape"],
          "generator.doc_temperature_form: must be one of ('group', 'per_key'), got 'ape'"),
         ("", ["generator.doc_temperature_form=1"], "generator.doc_temperature_form: expected str"),
+        ("", ["generator.doc_key_temperature=0.5", "generator.attention_backend=sdpa"],
+         "generator.attention_backend: 'sdpa' cannot carry the group form's per-query offset"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, needle):
+    """Each bad value is refused at load, naming its key (the group form at T != 1 with a fused
+    backend too, before any weights are read)."""
     path = write_yaml(tmp_path, text)
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)
