@@ -526,9 +526,21 @@ class CepeEncoder(nn.Module):
         return tuple(all_states[-num_states:])
 
 
+def _upcast_blocks(weight: torch.Tensor, block: int, dtype: torch.dtype) -> Iterable[tuple[slice, torch.Tensor]]:
+    """(rows, those rows of ``weight`` in ``dtype``) block after block, each cast into the same
+    buffer: a fresh 4 MiB tensor per block costs a page-faulting allocation on CPU (the casts
+    alone took 182 ms fresh against 84 ms into one buffer, 32000 x 4096 on one thread)."""
+    buffer = weight.new_empty(min(block, weight.shape[0]), weight.shape[1], dtype=dtype)
+    for start in range(0, weight.shape[0], block):
+        rows = slice(start, min(start + block, weight.shape[0]))
+        block_weight = buffer[: rows.stop - start]
+        block_weight.copy_(weight[rows])
+        yield rows, block_weight
+
+
 class _BlockUpcastLinear(torch.autograd.Function):
     """``hidden @ weight.T (+ bias)`` in fp32 for a bf16/fp16 ``weight``, cast one block of
-    vocabulary rows at a time (forward and backward alike).
+    vocabulary rows at a time into one reused buffer (forward and backward alike).
 
     Casting the whole [V, H] weight makes a new fp32 tensor per call (0.5 GB for a 32k x 4096
     head, 2 GB for Llama-3's) that is written once and read once: on CPU the cast alone took
@@ -543,8 +555,8 @@ class _BlockUpcastLinear(torch.autograd.Function):
         ctx.block, ctx.has_bias = block, bias is not None
         flat = hidden.reshape(-1, hidden.shape[-1])
         out = flat.new_empty(flat.shape[0], weight.shape[0])
-        for start in range(0, weight.shape[0], block):
-            torch.mm(flat, weight[start : start + block].to(flat.dtype).t(), out=out[:, start : start + block])
+        for rows, block_weight in _upcast_blocks(weight, block, flat.dtype):
+            torch.mm(flat, block_weight.t(), out=out[:, rows])
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*hidden.shape[:-1], weight.shape[0])
@@ -559,10 +571,9 @@ class _BlockUpcastLinear(torch.autograd.Function):
             grad_hidden = flat_hidden.new_zeros(flat_hidden.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.empty_like(weight)
-        for start in range(0, weight.shape[0], ctx.block):
-            rows = slice(start, start + ctx.block)
+        for rows, block_weight in _upcast_blocks(weight, ctx.block, flat_grad.dtype):
             if grad_hidden is not None:
-                grad_hidden.addmm_(flat_grad[:, rows], weight[rows].to(flat_grad.dtype))
+                grad_hidden.addmm_(flat_grad[:, rows], block_weight)
             if grad_weight is not None:
                 grad_weight[rows] = (flat_grad[:, rows].t() @ flat_hidden).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
