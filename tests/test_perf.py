@@ -227,3 +227,12 @@ def test_reranker_optimizer_on_cpu_is_fused_and_steps_like_the_default_adamw():
     for fused, default, initial in zip(final["fused"], final["default"], start):
         assert (fused - initial).abs().mean() > 1e-2  # it moved (3 steps of lr 1e-2)
         torch.testing.assert_close(fused, default, atol=1e-6, rtol=0)
+
+
+def test_median_split_takes_the_median_steps_flops_by_dtype_as_statistics_median_does():
+    from grerank_dist.perf.bench import median_split
+
+    steps = [{"float32": 1.0, "bfloat16": 3.0}, {"float32": 5.0, "bfloat16": 5.0}, {"float32": 2.0, "bfloat16": 1.0}]
+    assert median_split(steps) == {"float32": 1.0, "bfloat16": 3.0}  # totals 4, 10, 3: the middle is 4
+    steps.append({"float32": 20.0, "bfloat16": 0.0})  # totals 3, 4, 10, 20: the mean of 4 and 10
+    assert median_split(steps) == {"float32": 3.0, "bfloat16": 4.0}

@@ -242,6 +242,14 @@ def flops_by_dtype(parts: dict[str, float], generator_dtype: str, reranker_dtype
     return dict(split)
 
 
+def median_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """The FLOPs by dtype of the step whose total is the median (the mean of the two middle
+    steps' for an even count, as ``statistics.median`` takes it)."""
+    ordered = sorted(splits, key=lambda split: sum(split.values()))
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    return {dtype: statistics.mean(split.get(dtype, 0.0) for split in middle) for dtype in middle[0]}
+
+
 def run_variant(
     shape: Shape, variant: str, args: argparse.Namespace, records: list[dict[str, Any]]
 ) -> VariantResult:
@@ -306,9 +314,9 @@ def run_variant(
                 split[dtype] += count
         return dict(split)
 
-    # FLOPs of the step with the median total (useful: whole batches of B; executed: the micro-steps run).
-    useful_by_dtype = sorted((step_split([b], True) for b in whole), key=lambda d: sum(d.values()))[len(whole) // 2]
-    executed_by_dtype = sorted((step_split(m, False) for m in batches), key=lambda d: sum(d.values()))[len(batches) // 2]
+    # The median step's FLOPs (useful: whole batches of B; executed: the micro-steps run).
+    useful_by_dtype = median_split([step_split([b], True) for b in whole])
+    executed_by_dtype = median_split([step_split(m, False) for m in batches])
     with torch.no_grad():
         first = whole[0]
         contexts = generator.encode_contexts(first.encoder_input_ids, first.encoder_attention_mask)
