@@ -22,7 +22,9 @@ with the given alignment (``generator.doc_key_temperature`` T, ``doc_attention_s
 split). The reranker's order enters as each candidate's ``score``, so the same "top k by score"
 code reads both orders.
 
-A setting whose directory holds ``calibration.json`` is read back, not repeated. ``--write``
+A setting whose directory holds ``calibration.json`` is read back, not repeated; ``OUT/request.json``
+records what OUT holds (run, method, T, S, form, overrides), and a different request on the same
+``--out`` is refused rather than mixed with it. ``--write``
 puts the table into a markdown file between this script's markers for the form (one table per form).
 """
 
@@ -94,6 +96,21 @@ def settings(method: str) -> list[tuple[str, str, int | None]]:
     return rows
 
 
+def claim_out_dir(out: Path, request: dict[str, Any]) -> None:
+    """Record ``request`` in ``OUT/request.json``, or refuse an ``OUT`` that holds another one's
+    results (they would be read back as this request's)."""
+    path = out / "request.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != request:
+            changed = ", ".join(f"{key}: {before.get(key)!r} -> {value!r}" for key, value in request.items()
+                                if before.get(key) != value)
+            raise SystemExit(f"{out} holds the results of another request ({changed}); pass another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(request, indent=2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a SmolLM2 demo/reproduction run of one seed")
@@ -107,10 +124,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides (generator.path=... is needed)")
     args = parser.parse_args()
 
+    request = {"run_dir": str(args.run_dir.resolve()), "method": args.method, "temperature": args.temperature,
+               "scale": args.scale, "form": args.form, "overrides": args.overrides}
+    claim_out_dir(args.out, request)
     records = read_jsonl(args.run_dir / "data" / "test.jsonl")
     files = {"test": records, "gold": gold_alone(records),
              "reranked": reranked(records, args.run_dir / "eval" / "reranker" / "predictions.jsonl", args.method)}
-    args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
         write_text(args.out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     config = load_config(CONFIG, [*args.overrides, f"generator.doc_temperature_form={args.form}"])

@@ -134,6 +134,20 @@ def test_cepe_and_fid_generators_are_refused(tmp_path, path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_group_form_grid_on_a_fused_backend_is_refused_before_weights_load(tmp_path, monkeypatch):
+    """The config's own T is 1 (valid with sdpa), but the grid tries T != 1 in group form: refused
+    with the way out, before any model is built; per_key on sdpa passes the check."""
+    from grerank_dist.evaluation import calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "load_decoder_only", lambda *a, **k: pytest.fail("weights were loaded"))
+    data = write_jsonl(tmp_path / "dev.jsonl", toy_records(2, 4))
+    with pytest.raises(SystemExit, match="'sdpa' cannot carry the group form's per-query offset"):
+        cli_main(["calibrate", "--config", str(CONFIG), "--data", data, "--out", str(tmp_path / "out"),
+                  "--temperatures", "0.5", *OVERRIDES, "generator.attention_backend=sdpa"])
+    config = load_config(CONFIG, [*OVERRIDES, "generator.attention_backend=sdpa", "generator.doc_temperature_form=per_key"])
+    assert calibrate_module.check_request(config, None, None, None, [0.5, 1.0]) == (4, 3)
+
+
 def test_grid_always_holds_the_unaligned_point_and_ties_go_to_the_nearest_to_it(capsys):
     assert alignment_grid([0.5], [2.0, 4.0]) == [(1.0, 1.0), (0.5, 2.0), (0.5, 4.0)]
     assert alignment_grid([1.0, 0.5], [1.0]) == [(1.0, 1.0), (0.5, 1.0)]

@@ -74,3 +74,8 @@ def test_a_whole_run_on_a_random_model_fills_every_row_from_calibrate(tmp_path, 
     # A second call reads every setting back instead of answering again.
     monkeypatch.setattr(script, "calibrate", lambda *a, **k: pytest.fail("ran a finished setting again"))
     assert script.main() == 0
+    # Another request on the same --out is refused, not mixed with these results.
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:sys.argv.index("--scale")], "--scale", "2", "--form", "per_key",
+                                      *sys.argv[sys.argv.index("--scale") + 2 :]])
+    with pytest.raises(SystemExit, match=r"holds the results of another request \(form: 'group' -> 'per_key'\)"):
+        script.main()

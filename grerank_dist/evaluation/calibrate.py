@@ -154,9 +154,19 @@ def load_decoder_only(
     return generator.to(device), tokenizer
 
 
-def check_request(config: TrainConfig, top_k: int | None, max_queries: int | None, batch_size: int | None) -> tuple[int, int]:
+def check_request(
+    config: TrainConfig, top_k: int | None, max_queries: int | None, batch_size: int | None,
+    temperatures: list[float] = (1.0,),
+) -> tuple[int, int]:
     """(k, batch size) of a calibration, or a ValueError that says why it cannot run, before
-    any weights are read: only decoder-only generators have T and S."""
+    any weights are read: only decoder-only generators have T and S, and the group form at
+    T != 1 runs on the eager backend only."""
+    backend = config.generator.attention_backend
+    if config.generator.doc_temperature_form == "group" and any(t != 1 for t in temperatures) and backend not in ("auto", "eager"):
+        raise ValueError(
+            f"generator.attention_backend {backend!r} cannot carry the group form's per-query offset at the grid's "
+            f"temperatures != 1: use auto or eager, or generator.doc_temperature_form=per_key"
+        )
     family = generator_family(config.generator.path)
     if family is not DECODER_ONLY:
         raise ValueError(
@@ -188,7 +198,7 @@ def calibrate(
     """Answer every query of ``data_file`` (its first ``max_queries``) sequentially and at every
     grid point, write the outputs and (``write_config``) the calibrated config. ``top_k`` None:
     all candidates."""
-    k, bsz = check_request(config, top_k, max_queries, batch_size)
+    k, bsz = check_request(config, top_k, max_queries, batch_size, temperatures)
     records, report = read_records(data_file, config.data.n_candidates, config.data.skip_bad_records, config.data.candidate_order)
     records = records[:max_queries]
     print(report.summary(), flush=True)
@@ -334,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("no data: pass --data or set data.eval_file in the config")
     out = Path(args.out) if args.out else Path(config.output_dir) / "calibrate"
     try:
-        check_request(config, args.top_k, args.queries, args.batch_size)
+        check_request(config, args.top_k, args.queries, args.batch_size, args.temperatures)
     except ValueError as exc:
         raise SystemExit(f"grerank calibrate: {exc}") from exc
     calibrate(config, data, out, args.temperatures, args.scales, args.top_k, args.queries, args.batch_size,

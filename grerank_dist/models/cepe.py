@@ -37,6 +37,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -562,6 +563,7 @@ class _BlockUpcastLinear(torch.autograd.Function):
         return out.reshape(*hidden.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable  # the backward reuses one cast buffer: not itself differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight = ctx.saved_tensors
         flat_grad = grad_out.reshape(-1, weight.shape[0])
@@ -581,8 +583,6 @@ class _BlockUpcastLinear(torch.autograd.Function):
         if grad_hidden is not None:
             grad_hidden = grad_hidden.reshape(hidden.shape)
         return grad_hidden, grad_weight, grad_bias, None
-
-
 
 
 def upcast_block_bytes(device: torch.device) -> int:

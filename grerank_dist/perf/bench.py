@@ -33,6 +33,7 @@ Timings on CPU need no device synchronisation.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import resource
@@ -165,13 +166,20 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 @dataclass
 class MatmulBounds:
-    """The matmul calls of one profiled step: FLOPs by dtype, seconds in the step, and seconds of
-    the same products run alone (each shape warm, the best of a few runs)."""
+    """The fp32/bf16 matmul calls of one profiled step: FLOPs by dtype, their seconds in the step,
+    the seconds of the same products run alone (each shape warm, the best of a few runs), and
+    the profiled step's wall time (``skipped_calls``: matmuls in other dtypes, not counted)."""
 
     calls: int = 0
     flops: dict[str, float] = field(default_factory=dict)
     step_seconds: float = 0.0
     alone_seconds: float = 0.0
+    profiled_step_seconds: float = 0.0
+    skipped_calls: int = 0
+
+
+# The profiler's names of the dtypes whose GEMM peak the bench probes.
+PROFILED_DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16}
 
 
 def _matmul_operands(name: str, shapes: list[list[int]]) -> tuple[int, int, int, int]:
@@ -182,32 +190,38 @@ def _matmul_operands(name: str, shapes: list[list[int]]) -> tuple[int, int, int,
     return 1, a[0], a[1], b[1]
 
 
-def matmul_bounds(profile: Any, repeats: int = 3) -> MatmulBounds:
-    """Group the profile's matmuls (recorded with shapes) by (op, shape, dtype), then time each
-    group's product alone: the step's matmul time over the alone time says what the step loses
-    around its matmuls (cache, threads, hooks), the alone time over the peak time what the
-    shapes themselves allow (a 16-row product streams its weight from memory)."""
+def matmul_bounds(profile: Any, profiled_step_seconds: float, repeats: int = 3) -> MatmulBounds:
+    """Group the CPU profile's matmuls (recorded with shapes) by (op, shape, dtype), then time
+    each group's product alone: a 2-D product as ``F.linear`` (the weight layout nn.Linear
+    hands to mm/addmm), a batched one as ``bmm``. The step's matmul time over the alone time
+    says what the step loses around its matmuls (cache, threads, hooks), the alone time over
+    the peak time what the shapes themselves allow (a 16-row product streams its weight from
+    memory). CPU only: a CPU profile of CUDA work times kernel launches, not kernels."""
     groups: dict[tuple[str, tuple[int, int, int, int], str], list[float]] = defaultdict(list)
+    bounds = MatmulBounds(profiled_step_seconds=profiled_step_seconds)
     for event in profile.events():
         if event.name in MATMUL_OPS and event.input_shapes:
-            dtype = next((d for d in event.input_dtypes if d), "float")
-            groups[(event.name, _matmul_operands(event.name, event.input_shapes), dtype)].append(event.cpu_time_total / 1e6)
-    bounds = MatmulBounds()
+            dtype_name = next((d for d in event.input_dtypes if d), "")
+            if dtype_name not in PROFILED_DTYPES:
+                bounds.skipped_calls += 1
+                continue
+            groups[(event.name, _matmul_operands(event.name, event.input_shapes), dtype_name)].append(event.cpu_time_total / 1e6)
     for (_, (batch, m, k, n), dtype_name), seconds in groups.items():
-        dtype = torch.bfloat16 if "BFloat16" in dtype_name else torch.float32
-        a, b = torch.randn(batch, m, k).to(dtype), torch.randn(batch, k, n).to(dtype)
-        product = torch.mm if batch == 1 else torch.bmm
-        operands = (a[0], b[0]) if batch == 1 else (a, b)
-        product(*operands)
+        dtype = PROFILED_DTYPES[dtype_name]
+        if batch == 1:
+            x, weight = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+            product = functools.partial(torch.nn.functional.linear, x, weight)
+        else:
+            product = functools.partial(torch.bmm, torch.randn(batch, m, k).to(dtype), torch.randn(batch, k, n).to(dtype))
+        product()
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            product(*operands)
+            product()
             best = min(best, time.perf_counter() - start)
-        flops = 2 * batch * m * k * n
-        bounds.calls += len(seconds)
         name = str(dtype).removeprefix("torch.")
-        bounds.flops[name] = bounds.flops.get(name, 0.0) + flops * len(seconds)
+        bounds.calls += len(seconds)
+        bounds.flops[name] = bounds.flops.get(name, 0.0) + 2 * batch * m * k * n * len(seconds)
         bounds.step_seconds += sum(seconds)
         bounds.alone_seconds += best * len(seconds)
     return bounds
@@ -281,16 +295,18 @@ def run_variant(
             totals.append(total)
             cpu_totals.append(time.process_time() - cpu_start)
             per_step.append(dict(clock.times))
+    # The phases of the median step (not per-phase medians, which need not add up to a step).
+    middle = sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]
+    # That step's batches once more under the profiler (collectives, matmuls by shape).
     profile_table = ""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
-        for m, batch in enumerate(batches[-1]):
+        start = time.perf_counter()
+        for m, batch in enumerate(batches[args.warmup + middle]):
             training_step(strategy, reranker, generator, batch, config, noise_generator(config.seed, 0, 10**6 + m, strategy.device))
+        profiled_s = time.perf_counter() - start
     comm = _comm_seconds(profile)
     if args.profile:
         profile_table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-
-    # The phases of the median step (not per-phase medians, which need not add up to a step).
-    middle = sorted(range(len(totals)), key=totals.__getitem__)[len(totals) // 2]
     times, step_s, step_cpu_s = per_step[middle], totals[middle], cpu_totals[middle]
     phases = {
         "data": data_times[args.warmup + middle],
@@ -304,8 +320,8 @@ def run_variant(
         "comm": comm,
     }
     phases["other"] = step_s - sum(v for k, v in phases.items() if k not in ("data", "comm"))
-    matmuls = matmul_bounds(profile)
-    dtypes = (str(strategy.dtype).removeprefix("torch."), config.reranker.dtype)
+    matmuls = matmul_bounds(profile, profiled_s) if strategy.device.type == "cpu" else None
+    dtypes = tuple(str(d).removeprefix("torch.") for d in (strategy.dtype, strategy.reranker_dtype))
 
     def step_split(micro: list[Any], useful: bool) -> dict[str, float]:  # one step's FLOPs by dtype
         split: dict[str, float] = defaultdict(float)
@@ -351,17 +367,22 @@ def report(shape_name: str, results: list[VariantResult], peaks: dict[str, float
     lines.append("(ms per step: the phases of the median step; data is tokenisation done ahead of the step, not "
                  "in 'step'; comm: collectives of one profiled step, inside the other phases; other: step minus "
                  "the phases (relaxation, loss, hooks); %peak: the FLOPs' time at the GEMM peak of the dtype "
-                 "each part runs in, over wall time, 'CPU': over the step's CPU time / threads, what a dedicated "
+                 "each part runs in (the generator's: its fp32 head and softmax counted at its dtype's), over wall time, 'CPU': over the step's CPU time / threads, what a dedicated "
                  "machine would see; RSS: the process's peak so far)")
-    lines.append("what bounds the step (one profiled step, ms): matmuls in the step | the same products alone | "
-                 "those FLOPs at the GEMM peak | the rest of the step")
+    lines.append("what bounds the step (the median step's batches again, profiled; ms): the profiled step | its "
+                 "matmuls | the same products alone | their FLOPs at the GEMM peak | the rest of the step")
     for r in results:
         m = r.matmuls
+        if m is None:
+            lines.append(f"  {r.name}: not measured (a CPU profile times CUDA kernel launches, not kernels)")
+            continue
+        at_peak = peak_seconds(m.flops, peaks)
+        skipped = f"; {m.skipped_calls} matmuls in other dtypes left out" if m.skipped_calls else ""
         lines.append(f"  {r.name}: {m.calls} matmuls, {sum(m.flops.values()) / 1e9:.1f} GFLOP: "
-                     f"{m.step_seconds * 1e3:.0f} | {m.alone_seconds * 1e3:.0f} | {peak_seconds(m.flops, peaks) * 1e3:.0f} | "
-                     f"{(r.step_s - m.step_seconds) * 1e3:.0f} (the shapes alone reach "
-                     f"{100 * peak_seconds(m.flops, peaks) / m.alone_seconds:.0f}% of the peak; in the step "
-                     f"{100 * peak_seconds(m.flops, peaks) / m.step_seconds:.0f}%)")
+                     f"{m.profiled_step_seconds * 1e3:.0f} | {m.step_seconds * 1e3:.0f} | {m.alone_seconds * 1e3:.0f} | "
+                     f"{at_peak * 1e3:.0f} | {(m.profiled_step_seconds - m.step_seconds) * 1e3:.0f} (the products alone "
+                     f"reach {100 * at_peak / m.alone_seconds:.0f}% of the peak, in the step "
+                     f"{100 * at_peak / m.step_seconds:.0f}%{skipped})")
     by_name = {r.name: r for r in results}
     if "efficient" in by_name and "naive" in by_name:
         naive, fast = by_name["naive"], by_name["efficient"]
@@ -411,8 +432,11 @@ def run(args: argparse.Namespace) -> int:
         peaks["bfloat16"] = gemm_peak(torch.bfloat16, peak_size)
     records = synthetic_records(shape, shape.batch * (args.warmup + args.steps), args.seed)
     results = [run_variant(shape, v, args, records) for v in variants]
-    # Probed again after the steps; the better of the two is the peak (the machine may be shared).
-    peaks = {dtype: max(peak, gemm_peak(getattr(torch, dtype), peak_size)) for dtype, peak in peaks.items()}
+    # Probed again after the steps, for every dtype a part ran in; the better of the two is the
+    # peak (the machine may be shared).
+    used = {dtype for r in results for split in (r.flops_useful, r.flops_executed, r.matmuls.flops if r.matmuls else {})
+            for dtype in split}
+    peaks = {dtype: max(peaks.get(dtype, 0.0), gemm_peak(getattr(torch, dtype), peak_size)) for dtype in sorted(used | set(peaks))}
     text = report(args.shape, results, peaks, torch.get_num_threads())
     for r in results:
         if r.profile_table:
