@@ -280,7 +280,7 @@ class DeepSpeedStrategy:
     def adamw_options(device: torch.device) -> dict[str, Any]:
         """torch AdamW's fused kernel (one pass over each parameter's state) on CUDA and CPU, the
         devices where torch has it for every floating dtype. On CPU it is ~5x the default
-        (foreach) step: 28 vs 139 ms for a 37M-parameter reranker on 2 threads (torch 2.13),
+        (foreach) step: 26 vs 143 ms for 37M parameters on 2 threads (torch 2.13),
         where the foreach step reads and writes each state tensor in several passes."""
         return {"fused": True} if device.type in ("cuda", "cpu") else {}
 
