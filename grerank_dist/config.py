@@ -395,11 +395,9 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     form = config.generator.doc_temperature_form
     if form not in DOC_TEMPERATURE_FORMS:
         fail("generator.doc_temperature_form", f"must be one of {DOC_TEMPERATURE_FORMS}, got {form!r}")
-    backend = config.generator.attention_backend
-    if form == "group" and config.generator.doc_key_temperature != 1 and backend not in ("auto", "eager"):
-        # Refused here, before any weights load; models/decoder_only.py says why.
-        fail("generator.attention_backend", f"{backend!r} cannot carry the group form's per-query offset at "
-             "generator.doc_key_temperature != 1: use auto or eager, or generator.doc_temperature_form=per_key")
+    problem = group_form_backend_problem(form, [config.generator.doc_key_temperature], config.generator.attention_backend)
+    if problem:  # refused here, before any weights load
+        fail("generator.attention_backend", problem)
     if not _is_number(t.lr) or t.lr <= 0:
         fail("train.lr", f"must be > 0, got {t.lr!r}")
     if not _is_number(t.max_grad_norm) or t.max_grad_norm < 0:
@@ -435,6 +433,16 @@ def _template_problem(template: str, allowed: tuple[str, ...]) -> str | None:
         template.format(**{name: "x" for name in allowed})
     except (ValueError, KeyError, IndexError, AttributeError) as exc:  # e.g. a bad format spec
         return f"malformed template {template!r} ({exc})"
+    return None
+
+
+def group_form_backend_problem(form: str, temperatures: list[float], backend: str) -> str | None:
+    """Why ``backend`` cannot run the decoder-only alignment at these temperatures, or None: the
+    group form's offset depends on the query, which the fused backends' per-key bias cannot
+    carry (models/decoder_only.py), so at T != 1 it needs eager (``auto`` is eager)."""
+    if form == "group" and any(t != 1 for t in temperatures) and backend not in ("auto", "eager"):
+        return (f"{backend!r} cannot carry the group form's per-query offset at generator.doc_key_temperature != 1: "
+                "use auto or eager, or generator.doc_temperature_form=per_key")
     return None
 
 

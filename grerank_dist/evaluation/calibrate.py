@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from grerank_dist.atomic import write_text
-from grerank_dist.config import TrainConfig, load_config
+from grerank_dist.config import TrainConfig, group_form_backend_problem, load_config
 from grerank_dist.data.records import read_records
 from grerank_dist.evaluation.evaluate import RETRIEVER, decode_answers, make_answerer, method_rankings
 from grerank_dist.evaluation.evaluate import single_process_generator
@@ -161,12 +161,10 @@ def check_request(
     """(k, batch size) of a calibration, or a ValueError that says why it cannot run, before
     any weights are read: only decoder-only generators have T and S, and the group form at
     T != 1 runs on the eager backend only."""
-    backend = config.generator.attention_backend
-    if config.generator.doc_temperature_form == "group" and any(t != 1 for t in temperatures) and backend not in ("auto", "eager"):
-        raise ValueError(
-            f"generator.attention_backend {backend!r} cannot carry the group form's per-query offset at the grid's "
-            f"temperatures != 1: use auto or eager, or generator.doc_temperature_form=per_key"
-        )
+    problem = group_form_backend_problem(config.generator.doc_temperature_form, temperatures,
+                                         config.generator.attention_backend)
+    if problem:
+        raise ValueError(f"generator.attention_backend (at the grid's temperatures): {problem}")
     family = generator_family(config.generator.path)
     if family is not DECODER_ONLY:
         raise ValueError(
